@@ -1,0 +1,130 @@
+"""The communicator: the only module that imports mpi4py.
+
+``get_comm()`` returns an ``MPIComm`` (mpi4py's COMM_WORLD) or, where mpi4py cannot be imported and the
+process was not started by an MPI launcher, a ``SerialComm`` of one rank with the same interface.
+Every method is collective except ``abort``; callers issue them in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from dpbp.errors import UserError
+
+# Environment variables that MPI launchers (hydra, Open MPI, Slurm's PMI) set in the ranks they start.
+_LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+class SerialComm:
+    """A world of one rank: every reduction is the identity."""
+
+    rank = 0
+    size = 1
+    library = "serial (no MPI)"
+
+    def allreduce_sum_(self, buf):
+        return buf
+
+    def allreduce_max_(self, buf):
+        return buf
+
+    def iallreduce_sum_(self, buf):
+        return _DoneRequest()
+
+    def bcast(self, obj):
+        return obj
+
+    def allgather(self, obj):
+        return [obj]
+
+    def barrier(self):
+        pass
+
+    def abort(self, code):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def wtime(self):
+        import time
+        return time.perf_counter()
+
+
+class _DoneRequest:
+    def Wait(self):
+        pass
+
+
+class MPIComm:
+    """mpi4py's buffer interface: in-place, no pickling on the hot path."""
+
+    def __init__(self, MPI, comm):
+        self.MPI, self.comm = MPI, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.library = MPI.Get_library_version().strip().splitlines()[0]
+
+    def allreduce_sum_(self, buf):
+        """buf <- sum over ranks of buf, in place (one MPI_Allreduce on the contiguous buffer)."""
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def allreduce_max_(self, buf):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX)
+        return buf
+
+    def iallreduce_sum_(self, buf):
+        """Start a non-blocking in-place sum; the caller Waits on the returned request."""
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def bcast(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def wtime(self):
+        return self.MPI.Wtime()
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def get_comm():
+    """COMM_WORLD through mpi4py, or the serial stand-in where there is no MPI to be had."""
+    if os.environ.get("DPBP_SERIAL") == "1":
+        return SerialComm()
+    try:
+        import mpi4py
+        mpi4py.rc.threads = False  # the trainer is single-threaded; MPI_THREAD_SINGLE is cheapest
+        from mpi4py import MPI
+    except ImportError as e:  # also raised when libmpi itself cannot be loaded
+        if launched_by_mpi():
+            raise UserError(f"started by an MPI launcher but mpi4py cannot be loaded ({e}); install it "
+                            f"with `pip install mpi4py mpich`, or against your cluster's MPI") from None
+        return SerialComm()
+    return MPIComm(MPI, MPI.COMM_WORLD)
+
+
+def same_everywhere(comm, value) -> bool:
+    """True when every rank passed an equal value (one small allgather)."""
+    values = comm.allgather(value)
+    return all(v == values[0] for v in values)
+
+
+def sum_scalars(comm, *values, dtype=np.float64):
+    """Sum a few numbers over ranks in one Allreduce (counts and sums for evaluation)."""
+    buf = np.array(values, dtype=dtype)
+    comm.allreduce_sum_(buf)
+    return buf

@@ -1,0 +1,248 @@
+"""The configuration schema: every key, its default, its type and what it allows, in one place.
+
+Config files (TOML) and ``--set key=value`` only override these defaults, as in nanoGPT.
+With no config at all the default job runs: a 64-64-10 tanh/softmax net on the 8x8 digits.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dpbp.errors import UserError
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    default: Any
+    kind: type  # int, float, str, bool or list (of positive ints)
+    doc: str
+    choices: tuple = ()
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""  # how `check` reads in an error message
+    trajectory: bool = True  # does changing it change the numbers a run computes?
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _sizes_ok(v):
+    return len(v) >= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v)
+
+
+def _fraction(v):
+    return 0 <= v < 1
+
+
+SCHEMA: tuple[Option, ...] = (
+    Option("seed", 0, int, "Seed for initial weights, shuffling and the validation split.",
+           check=_non_negative, allowed=">= 0"),
+    Option("model.sizes", [64, 64, 10], list, "Layer widths: input, hidden..., output.",
+           check=_sizes_ok, allowed="a list of at least two positive integers"),
+    Option("model.activation", "tanh", str, "Hidden-layer activation.",
+           choices=("sigmoid", "tanh", "relu", "identity")),
+    Option("model.output", "softmax", str, "Output-layer activation.",
+           choices=("sigmoid", "identity", "softmax")),
+    Option("model.dtype", "float64", str, "Floating-point type of parameters, activations and gradients.",
+           choices=("float64", "float32")),
+    Option("loss.kind", "cross_entropy", str,
+           "squared_error = 1/2 sum (y - o)^2 (the seed's); cross_entropy = -sum y log o (softmax or sigmoid output).",
+           choices=("squared_error", "cross_entropy")),
+    Option("loss.reduction", "mean", str,
+           "sum: E_total over the global batch; mean: E_total / global batch size.",
+           choices=("sum", "mean")),
+    Option("loss.l2", 1e-4, float, "L2 penalty lambda/2 * sum ||W||^2 on weights (not biases).",
+           check=_non_negative, allowed=">= 0"),
+    Option("optim.lr", 0.1, float, "Learning rate eta in w <- w - eta * v.", check=_positive, allowed="> 0"),
+    Option("optim.momentum", 0.9, float, "Momentum mu in v <- mu * v + g (0 = plain SGD).",
+           check=lambda v: 0 <= v < 1, allowed="0 <= momentum < 1"),
+    Option("data.name", "digits", str, "Built-in data set, used when data.path is empty.",
+           choices=("seed", "xor", "spirals", "digits", "random")),
+    Option("data.path", "", str, "A data file: .npz with arrays x and y (overrides data.name)."),
+    Option("data.val_fraction", 0.2, float,
+           "Share of the training data held out for evaluation (split by seed, same on every rank).",
+           check=_fraction, allowed="0 <= fraction < 1"),
+    Option("data.batch_size", 64, int, "Global batch: samples per step summed over all ranks.",
+           check=_positive, allowed="> 0"),
+    Option("data.shuffle", True, bool, "Shuffle each epoch with a permutation from (seed, epoch); false keeps file order."),
+    Option("data.drop_last", False, bool, "Drop the last partial batch of each epoch."),
+    Option("train.steps", 0, int, "Steps to train (0: use train.epochs).", check=_non_negative, allowed=">= 0",
+           trajectory=False),
+    Option("train.epochs", 30, int, "Epochs to train when train.steps is 0.", check=_non_negative, allowed=">= 0",
+           trajectory=False),
+    Option("train.log_every", 20, int, "Steps between progress lines and metrics records.",
+           check=_positive, allowed="> 0", trajectory=False),
+    Option("train.eval_every", 100, int, "Steps between held-out evaluations (0: only at the end).",
+           check=_non_negative, allowed=">= 0", trajectory=False),
+    Option("train.checkpoint_every", 200, int, "Steps between checkpoints (0: only at the end).",
+           check=_non_negative, allowed=">= 0", trajectory=False),
+    Option("train.keep_checkpoints", 3, int, "How many of the newest checkpoints to keep.",
+           check=_positive, allowed="> 0", trajectory=False),
+    Option("train.check_replicas_every", 100, int,
+           "Steps between checks that every rank holds the same parameters (0: never).",
+           check=_non_negative, allowed=">= 0", trajectory=False),
+    Option("comm.reduce", "fast", str,
+           "fast: MPI Allreduce of the float gradients; reproducible: bitwise the same result for any rank count.",
+           choices=("fast", "reproducible"), trajectory=False),
+    Option("comm.chunk", 32, int,
+           "reproducible mode: samples per fixed gradient chunk (the unit whose gradient is computed identically "
+           "on any rank).", check=_positive, allowed="> 0", trajectory=False),
+)
+
+OPTIONS: dict[str, Option] = {o.key: o for o in SCHEMA}
+
+
+def defaults() -> dict[str, Any]:
+    return {o.key: _copy(o.default) for o in SCHEMA}
+
+
+def _copy(v):
+    return list(v) if isinstance(v, list) else v
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _type_name(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(v), type(v).__name__)
+
+
+def validate_value(key: str, value: Any, origin: str) -> Any:
+    """Check one value against the schema; return it normalised (ints accepted where floats are)."""
+    if key not in OPTIONS:
+        section = key.rpartition(".")[0]
+        same_section = [k for k in OPTIONS if k.rpartition(".")[0] == section]
+        close = (difflib.get_close_matches(key, OPTIONS, n=1)
+                 or difflib.get_close_matches(key, same_section, n=1, cutoff=0.5))
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{origin}: unknown key {key!r}{hint}")
+    opt = OPTIONS[key]
+    if opt.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok_type = isinstance(value, opt.kind) and not (opt.kind is int and isinstance(value, bool))
+    if not ok_type:
+        raise UserError(f"{origin}: {key} = {value!r} is {_type_name(value)}; it must be "
+                        f"{_type_name(opt.default)}")
+    if opt.kind is float and not math.isfinite(value):
+        raise UserError(f"{origin}: {key} = {value!r} is not a finite number")
+    if opt.choices and value not in opt.choices:
+        raise UserError(f"{origin}: {key} = {value!r} is not allowed; choose one of "
+                        + ", ".join(repr(c) for c in opt.choices))
+    if opt.check is not None and not opt.check(value):
+        raise UserError(f"{origin}: {key} = {value!r} is out of range; allowed: {opt.allowed}")
+    return _copy(value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with value read as a TOML value; a bare word is taken as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.05")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if OPTIONS.get(key) is not None and OPTIONS[key].kind is str and raw and "\n" not in raw:
+            value = raw
+        else:
+            raise UserError(f"--set {text!r}: {raw!r} is not a TOML value (strings need quotes, lists look "
+                            f"like [784,256,10])") from None
+    return key, value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict[str, Any]:
+    """Defaults, then the TOML file, then each ``--set``; validated as a whole."""
+    cfg = defaults()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"config file {path!r} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"config file {path!r} is a directory") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path!r} is not valid TOML: {e}") from None
+        for key, value in _flatten(table).items():
+            cfg[key] = validate_value(key, value, f"config {path!r}")
+    for text in overrides:
+        key, value = parse_override(text)
+        cfg[key] = validate_value(key, value, "--set")
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: dict[str, Any]) -> None:
+    """Rules that tie several keys together."""
+    if cfg["loss.kind"] == "cross_entropy" and cfg["model.output"] not in ("softmax", "sigmoid"):
+        raise UserError(f"loss.kind = 'cross_entropy' needs model.output 'softmax' or 'sigmoid', "
+                        f"not {cfg['model.output']!r}")
+    if cfg["model.output"] == "softmax" and cfg["model.sizes"][-1] < 2:
+        raise UserError("model.output = 'softmax' needs at least 2 output units in model.sizes")
+    if cfg["train.steps"] == 0 and cfg["train.epochs"] == 0:
+        raise UserError("set train.steps or train.epochs to a positive number")
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """The resolved config as TOML, grouped by section; ``load_config`` reads it back unchanged."""
+    lines, section = [], None
+    for opt in SCHEMA:
+        head, _, name = opt.key.rpartition(".")
+        if head != section:
+            if head:
+                lines.append(f"\n[{head}]")
+            section = head
+        lines.append(f"{name} = {_toml_value(cfg[opt.key])}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def trajectory_items(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys whose values change what a run computes (used to refuse a mismatched resume)."""
+    return {o.key: cfg[o.key] for o in SCHEMA if o.trajectory}
+
+
+def trajectory_hash(cfg: dict[str, Any]) -> str:
+    text = json.dumps(trajectory_items(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reference_markdown() -> str:
+    """The config reference table that README.md embeds (a test keeps them equal)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for o in SCHEMA:
+        allowed = ", ".join(f"`{c}`" for c in o.choices) if o.choices else (o.allowed or _type_name(o.default))
+        rows.append(f"| `{o.key}` | `{_toml_value(o.default)}` | {allowed} | {o.doc} |")
+    return "\n".join(rows) + "\n"

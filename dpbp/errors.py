@@ -1,0 +1,19 @@
+"""Error types shared by every command; imports nothing from dpbp."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint, command line).
+
+    Reported as one line by rank 0 with exit status ``EXIT_USAGE``; never a traceback.
+    """
+
+
+class TrainingFault(Exception):
+    """The run cannot go on (a non-finite loss, diverged replicas); exit status ``EXIT_FAULT``."""
+
+
+EXIT_OK = 0
+EXIT_CRASH = 1  # an unexpected exception on some rank: the job is aborted
+EXIT_USAGE = 2  # bad config, data, checkpoint or command line
+EXIT_FAULT = 3  # numerical or replica fault; the newest checkpoint is still the last good one
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me

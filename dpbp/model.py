@@ -1,0 +1,154 @@
+"""The multilayer perceptron: forward pass and the delta recursion of the seed, batched.
+
+Parameters live in ONE flat buffer and gradients in another; each layer's W, b, nabla_W, nabla_b is a
+view into them, so the whole gradient is reduced with a single in-place Allreduce and the optimizer
+updates every parameter with one vector operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpbp.layers import ACTIVATIONS, dense_backward, dense_forward
+from dpbp.losses import LOSSES
+
+
+def param_shapes(sizes):
+    """[(n_out, n_in), (n_out,)] per dense layer, in buffer order."""
+    shapes = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        shapes += [(n_out, n_in), (n_out,)]
+    return shapes
+
+
+def param_names(n_layers):
+    """Torch-compatible names: layers.{k}.weight, layers.{k}.bias."""
+    return [f"layers.{k}.{part}" for k in range(n_layers) for part in ("weight", "bias")]
+
+
+def count_params(sizes):
+    return sum(int(np.prod(s)) for s in param_shapes(sizes))
+
+
+def views(flat, shapes):
+    out, offset = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[offset:offset + n].reshape(shape))
+        offset += n
+    return out
+
+
+SEED_EXAMPLE = {  # the tutorial's 2-2-2 network: w1..w8 and one bias per layer
+    "layers.0.weight": [[0.15, 0.20], [0.25, 0.30]],
+    "layers.0.bias": [0.35, 0.35],
+    "layers.1.weight": [[0.40, 0.45], [0.50, 0.55]],
+    "layers.1.bias": [0.60, 0.60],
+}
+
+
+def initial_params(sizes, activation, seed, init="auto"):
+    """Float64 initial parameters, a pure function of the arguments (identical on every rank).
+
+    auto: W ~ U(-a, a) with a = sqrt(6 / fan_in) for relu (He) and sqrt(6 / (fan_in + fan_out))
+    otherwise (Glorot); biases 0. seed_example: the tutorial's weights (2-2-2 only).
+    """
+    names = param_names(len(sizes) - 1)
+    if init == "seed_example":
+        return {k: np.array(v, dtype=np.float64) for k, v in SEED_EXAMPLE.items()}
+    rng = np.random.default_rng([seed, 0x1D17])
+    params = {}
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        a = np.sqrt(6.0 / n_in) if activation == "relu" else np.sqrt(6.0 / (n_in + n_out))
+        params[names[2 * k]] = rng.uniform(-a, a, size=(n_out, n_in))
+        params[names[2 * k + 1]] = np.zeros(n_out)
+    return params
+
+
+class MLP:
+    """sizes = [n_0, n_1, ..., n_L]; hidden layers use `activation`, the last layer `output`.
+
+    ``forward(x)`` then ``backward(y)`` leaves in nabla_w / nabla_b the gradient of the SUMMED error
+    over the rows of x (the seed's E_total); nothing is averaged here.
+    """
+
+    def __init__(self, sizes, activation, output, loss, dtype="float64", grad=None):
+        self.sizes = list(sizes)
+        self.activation, self.output, self.loss_kind = activation, output, loss
+        self.dtype = np.dtype(dtype)
+        self.n_layers = len(sizes) - 1
+        self.shapes = param_shapes(sizes)
+        self.names = param_names(self.n_layers)
+        self.n_params = count_params(sizes)
+        self.params = np.zeros(self.n_params, self.dtype)
+        # The caller may hand in the gradient buffer (a view into a larger one that also carries
+        # statistics through the same Allreduce).
+        self.grad = np.zeros(self.n_params, self.dtype) if grad is None else grad
+        assert self.grad.shape == (self.n_params,) and self.grad.dtype == self.dtype
+        pv, gv = views(self.params, self.shapes), views(self.grad, self.shapes)
+        self.weights, self.biases = pv[0::2], pv[1::2]
+        self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
+        self.f = [ACTIVATIONS[activation][0]] * (self.n_layers - 1) + [ACTIVATIONS[output][0]]
+        self.f_prime_times = [ACTIVATIONS[activation][1]] * (self.n_layers - 1)
+        self.loss = LOSSES[loss]
+        self._rows = 0
+
+    # ------------------------------------------------------------ parameters by name
+
+    def tensors(self, flat=None):
+        """{name: view} into `flat` (default: the parameters)."""
+        return dict(zip(self.names, views(self.params if flat is None else flat, self.shapes)))
+
+    def load(self, params):
+        """Copy {name: array} into the flat buffer, casting to the model's dtype."""
+        for name, view in self.tensors().items():
+            view[...] = params[name]
+
+    # ------------------------------------------------------------ workspace
+
+    def _workspace(self, rows):
+        """Activations and deltas for up to `rows` samples, allocated once and reused as views."""
+        if rows > self._rows:
+            self._rows = rows
+            self._out = [np.empty((rows, n), self.dtype) for n in self.sizes]
+            self._delta = [np.empty((rows, n), self.dtype) for n in self.sizes]
+
+    # ------------------------------------------------------------ forward / backward
+
+    def forward(self, x):
+        """x: (B, n_0) -> out^(L): (B, n_L). Keeps every layer's out^(l) and the caches for backward."""
+        B = x.shape[0]
+        self._workspace(B)
+        outs = [o[:B] for o in self._out]
+        np.copyto(outs[0], x)  # also casts the input to the model's dtype
+        self._caches = []
+        for l in range(self.n_layers):
+            net, cache = dense_forward(outs[l], self.weights[l], self.biases[l], outs[l + 1])
+            self.f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
+            self._caches.append(cache)
+        self._B, self._outs = B, outs
+        return outs[-1]
+
+    def backward(self, y):
+        """y: (B, n_L) targets for the last forward. Fills nabla_w, nabla_b; returns the summed E.
+
+        delta^(L) = grad_out E (.) f'(net^(L))                  (losses.py)
+        delta^(l) = (W^(l+1))^T delta^(l+1) (.) f'(net^(l))
+        dE/dw_ij^(l) = sum over samples of out_j^(l-1) delta_i^(l)
+        """
+        B, L = self._B, self.n_layers
+        deltas = [d[:B] for d in self._delta]
+        E = self.loss(self._outs[-1], y, deltas[L], self.output)
+        for l in range(L - 1, -1, -1):
+            dx = deltas[l] if l > 0 else None
+            dense_backward(deltas[l + 1], self._caches[l], self.nabla_w[l], self.nabla_b[l], dx)
+            if l > 0:
+                self.f_prime_times[l - 1](deltas[l], self._outs[l])
+        return E
+
+    def predict(self, x):
+        """out^(L) for x, in chunks so that memory stays bounded for large x."""
+        outs = []
+        for start in range(0, len(x), 4096):
+            outs.append(self.forward(x[start:start + 4096]).copy())
+        return np.concatenate(outs) if outs else np.empty((0, self.sizes[-1]), self.dtype)

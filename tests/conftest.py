@@ -1,0 +1,50 @@
+"""Shared helpers: run a dpbp command as a user would (alone or under mpirun), with a hard time limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mpirun_exe():
+    """The mpirun next to this interpreter (the mpich wheel's), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return here if os.path.exists(here) else "mpirun"
+
+
+def dpbp(module, *args, ranks=None, timeout=180, env=None, check=False, cwd=REPO):
+    """Run `python -m dpbp.<module> args` (under `mpirun -n ranks` if given); returns CompletedProcess."""
+    cmd = [sys.executable, "-m", f"dpbp.{module}", *map(str, args)]
+    if ranks is not None:
+        cmd = [mpirun_exe(), "-n", str(ranks), *cmd]
+    full_env = dict(os.environ)
+    full_env.pop("DPBP_FAULT", None)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_params(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if k.startswith("layers.")}
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/mpi runs only under mpirun with --with-mpi; the serial run leaves it out (no skips)."""
+    if collection_path.name == "mpi" and not config.getoption("with_mpi", default=False):
+        return True
+    return None
+
+
+@pytest.fixture
+def run_cli():
+    return dpbp
