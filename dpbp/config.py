@@ -246,3 +246,33 @@ def reference_markdown() -> str:
         allowed = ", ".join(f"`{c}`" for c in o.choices) if o.choices else (o.allowed or _type_name(o.default))
         rows.append(f"| `{o.key}` | `{_toml_value(o.default)}` | {allowed} | {o.doc} |")
     return "\n".join(rows) + "\n"
+
+
+README_BEGIN, README_END = "<!-- config-table:begin -->", "<!-- config-table:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Replace the table between README_BEGIN and README_END in `path` with ``reference_markdown()``."""
+    with open(path) as f:
+        text = f.read()
+    head, sep, rest = text.partition(README_BEGIN + "\n")
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise UserError(f"{path}: no {README_BEGIN} ... {README_END} markers")
+    with open(path, "w") as f:
+        f.write(head + sep + reference_markdown() + sep2 + tail)
+
+
+if __name__ == "__main__":  # python -m dpbp.config --markdown | --readme README.md
+    import sys
+    if sys.argv[1:] == ["--markdown"]:
+        print(reference_markdown(), end="")
+    elif len(sys.argv) == 3 and sys.argv[1] == "--readme":
+        try:
+            update_readme(sys.argv[2])
+        except (UserError, OSError) as e:
+            print(f"dpbp.config: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        sys.exit("usage: python -m dpbp.config --markdown      print the config reference table\n"
+                 "       python -m dpbp.config --readme FILE   rewrite it in FILE between the markers")

@@ -256,7 +256,7 @@ def main(argv, comm):
 
     steps = total_steps(cfg, len(train_data))
     B, P = cfg["data.batch_size"], comm.size
-    progress.header(header_lines(cfg, comm, model, run_dir, steps, resumed_from, start))
+    progress.start(cfg, model, train_data, val_data, steps, start, resumed_from)
     if idle_ranks:  # harmless (an empty share adds zeros) and how the one-sample seed demo runs on 4 ranks
         progress.warn(f"{len(train_data)} training samples for {comm.size} ranks: some ranks stay idle")
     stop = StopRequest()
@@ -280,6 +280,7 @@ def main(argv, comm):
             correct_acc += stats[CORRECT]
             seen_acc += len(idx)
             samples_last += len(idx)
+            progress.tick(step, len(idx))
             every = cfg["train.check_replicas_every"]
             if every and step % every == 0 and not same_params(comm, model):
                 raise TrainingFault(f"step {step}: ranks hold different parameters: {differing_ranks(comm, model)}")
@@ -312,13 +313,8 @@ def main(argv, comm):
     final = os.path.join(run_dir, "final.npz")
     if comm.rank == 0:
         ckpt.save(final, params_dict(model), {"step": step, "dpbp": __version__})
-    done = step - start
-    summary = f"done: {step} steps in {wall:.1f} s ({done * B / wall if wall > 0 else 0:.0f} samples/s)"
-    if val_data is not None:
-        rec = eval_record(trainer, val_data, comm, step, None)
-        summary += f", val_loss {rec['loss']:.6g}" + (f", val_accuracy {rec['accuracy']:.4f}"
-                                                      if "accuracy" in rec else "")
-    progress.say(f"{summary}; parameters in {final}", always=True)
+    val_rec = eval_record(trainer, val_data, comm, step, None) if val_data is not None else None
+    progress.summary(step - start, step, wall, val_rec, final)
     return 0
 
 
@@ -391,32 +387,6 @@ def resume(args, cfg, comm, trainer):
     except (KeyError, ValueError) as e:
         raise UserError(f"{path}: does not fit this model ({e})") from None
     return int(meta["step"]), path
-
-
-def header_lines(cfg, comm, model, run_dir, steps, resumed_from, start):
-    B, P = cfg["data.batch_size"], comm.size
-    lo, hi = share(B, P - 1, P)[1] - share(B, P - 1, P)[0], share(B, 0, P)[1]
-    lines = [f"dpbp {__version__} | {comm.library} | world size {P} | {blas_info()}",
-             f"model {'-'.join(map(str, model.sizes))} {cfg['model.activation']}/{cfg['model.output']} "
-             f"{cfg['model.dtype']}, {model.n_params} parameters | loss {cfg['loss.kind']} "
-             f"({cfg['loss.reduction']}, l2 {cfg['loss.l2']})",
-             f"global batch {B}, per rank {lo}-{hi} | reduce {cfg['comm.reduce']} | {steps} steps | "
-             f"output {run_dir}"]
-    if resumed_from:
-        lines.append(f"resumed from {resumed_from} at step {start}")
-    return lines
-
-
-def blas_info():
-    try:
-        from threadpoolctl import threadpool_info
-        for pool in threadpool_info():
-            if pool.get("user_api") == "blas":
-                return f"BLAS {pool.get('internal_api')} {pool.get('version')} x{pool.get('num_threads')} threads"
-    except ImportError:
-        pass
-    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
-    return f"BLAS threads {threads}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""README.md stays true: its config table is the schema's, its links land, and its commands run.
+
+Every command in a fenced block that starts with `python -m dpbp` or `mpirun ... -m dpbp` (also after `&&`)
+runs here, in README order, from a scratch copy of the repository (so relative paths such as configs/ and
+runs/demo work and a command may use what an earlier one wrote). Training commands get
+`--set train.steps=20` appended (the last --set wins), so the whole README runs in about a minute.
+A command expected to fail says so in a trailing comment: `# exits 2`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dpbp.config import README_BEGIN, README_END, reference_markdown
+from tests.conftest import REPO, dpbp, mpirun_exe
+
+README = os.path.join(REPO, "README.md")
+SHORT = ["--set", "train.steps=20"]
+SHELL_OPERATORS = {"|", "||", "&", ";", ">", ">>", "<", "2>", "2>&1"}
+
+# Commands that cannot run here, each with its reason. Keep this short: every entry is a README line
+# that can go stale unnoticed.
+EXEMPT: dict[str, str] = {}
+
+
+def readme_text():
+    with open(README) as f:
+        return f.read()
+
+
+def readme_commands(text):
+    """[(command line, expected exit status)] in README order."""
+    found, in_block, pending = [], False, ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("```"):
+            in_block, pending = not in_block, ""
+            continue
+        if not in_block:
+            continue
+        line = (pending + " " + raw.strip()).strip() if pending else raw.strip()
+        if line.endswith("\\"):  # a continued line
+            pending = line[:-1]
+            continue
+        pending = ""
+        body, _, comment = line.partition(" #")
+        expect = re.search(r"\bexits? (\d+)", comment)
+        for part in body.split("&&"):
+            part = part.strip()
+            if part.startswith("python -m dpbp") or (part.startswith("mpirun ") and " -m dpbp" in part):
+                found.append((part, int(expect.group(1)) if expect else 0))
+    return found
+
+
+COMMANDS = readme_commands(readme_text())
+
+
+def argv_for(command):
+    """The command as an argument list, with this interpreter and mpirun, and short training."""
+    argv = shlex.split(command)
+    bad = SHELL_OPERATORS.intersection(argv)
+    assert not bad, f"README command {command!r} uses shell syntax {sorted(bad)}; keep dpbp commands plain"
+    argv = [sys.executable if a in ("python", "python3") else a for a in argv]
+    if argv[0] == "mpirun":
+        argv[0] = mpirun_exe()
+    if "dpbp.train" in argv:
+        argv += SHORT
+    return argv
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A copy of the repository without its runs, as a user's checkout would be."""
+    root = tmp_path_factory.mktemp("readme") / "dpbp"
+    shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "venv", "__pycache__",
+                                                              "*.egg-info", ".pytest_cache"))
+    return root
+
+
+def test_readme_shows_the_commands_it_promises():
+    """The extraction itself works: training on several ranks, a report, the config table."""
+    cmds = [c for c, _ in COMMANDS]
+    assert any(c.startswith("mpirun ") and "dpbp.train" in c for c in cmds), cmds
+    assert any("dpbp.report" in c for c in cmds), cmds
+    assert any("--resume" in c for c in cmds), cmds
+    assert any("dpbp.config" in c for c in cmds), cmds
+
+
+@pytest.mark.parametrize("command,status", COMMANDS, ids=[f"{i:02d}" for i in range(len(COMMANDS))])
+def test_readme_command_runs(scratch, command, status):
+    if command in EXEMPT:
+        pytest.skip(EXEMPT[command])  # an explicit, listed reason; EXEMPT is empty by default
+    argv = argv_for(command)
+    env = dict(os.environ)
+    env.pop("DPBP_FAULT", None)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(scratch)  # the copy's dpbp, as `python -m` from a checkout would use
+    proc = subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == status, f"{command}\n-> {' '.join(argv[1:])}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for written in re.findall(r"wrote (\S+) and (\S+)", proc.stdout):  # dpbp.report's files
+        for path in written:
+            assert os.path.getsize(os.path.join(scratch, path)) > 0, path
+
+
+def test_config_reference_is_the_schema():
+    text = readme_text()
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    table = text.split(README_BEGIN + "\n")[1].split(README_END)[0]
+    assert table == reference_markdown(), ("README's config table differs from dpbp/config.py; "
+                                           "run: python -m dpbp.config --readme README.md")
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_links_within_the_readme_land_on_headings():
+    text = readme_text()
+    body = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = {slug(h) for h in re.findall(r"^#{1,6} (.+)$", body, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", body)
+    assert links, "expected links to README sections"
+    missing = sorted(set(links) - anchors)
+    assert not missing, f"links to no heading: {missing}; headings: {sorted(anchors)}"
+
+
+def test_config_regeneration_rewrites_a_stale_table(tmp_path):
+    """`python -m dpbp.config --readme FILE` is the fix the table test recommends: check it works."""
+    stale = tmp_path / "README.md"
+    stale.write_text(f"intro\n{README_BEGIN}\n| old | table |\n{README_END}\nrest\n")
+    proc = dpbp("config", "--readme", stale, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert stale.read_text() == f"intro\n{README_BEGIN}\n{reference_markdown()}{README_END}\nrest\n"
