@@ -175,7 +175,8 @@ def build_parser():
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--force", action="store_true", help="resume even if the config changes the trajectory")
     p.add_argument("--quiet", action="store_true", help="print only the summary and errors")
-    p.add_argument("--verbose", action="store_true", help="log every step")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the resolved config, and a line (and a metrics record) every step")
     return p
 
 

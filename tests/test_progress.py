@@ -163,3 +163,15 @@ def test_reproducible_shares_are_whole_chunks():
     # 100 samples in chunks of 32: chunks of 32, 32, 32, 4 dealt 2, 1, 1 to three ranks.
     assert rank_shares(100, 3, "reproducible", 32) == [64, 32, 4]
     assert rank_shares(100, 5, "reproducible", 32) == [32, 32, 32, 4, 0]
+
+
+def test_blas_without_threadpoolctl(monkeypatch):
+    """The header still names the BLAS and the thread setting when threadpoolctl is not installed."""
+    import numpy as np
+
+    from dpbp.progress import blas_info
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # `import threadpoolctl` now fails
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    name = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    assert blas_info().startswith(f"BLAS {name}") and blas_info().endswith("threads 3")
