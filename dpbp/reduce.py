@@ -10,16 +10,35 @@ fast
     1-rank run by rounding (~1e-16 relative per step in float64).
 
 reproducible
-    The global batch is cut into fixed chunks of ``chunk`` samples by position in the batch, whatever P is;
-    each rank computes whole chunks, each with identically shaped operations, so a chunk's gradient g_c is
-    bitwise the same on any rank. The chunk gradients are then summed EXACTLY: for each tensor t,
-    with m_t = max over all chunks of |g_c| (one tiny Allreduce-MAX) and N chunks in the batch, pick
-    e_t = 52 - exponent(m_t) - ceil(log2 N), so |g_c 2^e_t| < 2^52 / N. q_c = rint(g_c 2^e_t) are integers
-    held exactly in float64 and any sum of N of them stays below 2^52, so local sums and MPI's SUM are
-    exact in every order: the result sum_c q_c 2^-e_t is independent of P, bit for bit.
-    Error bound against the exact sum: |err| <= N/2 * 2^-e_t <= N^2 * m_t * 2^-52 per element (about
-    1.4e-14 m_t for N = 8 chunks), far below float32 resolution and near float64's.
-    Cost: the buffer is float64 even for float32 models, and each chunk is scaled, rounded and added.
+    Bitwise the same gradient, loss and counts for any number of ranks P (same config, seed, BLAS threads).
+
+    1. Fixed chunks. The global batch is cut into N = ceil(B / chunk) chunks of ``comm.chunk`` samples by
+       position in the batch, whatever P is; each rank computes whole chunks (a contiguous run of them),
+       each with identically shaped operations, so chunk c's gradient g_c is bitwise the same on any rank.
+    2. One grid per tensor. m_t = max over all chunks and entries of |g_c| for tensor t (one small
+       Allreduce-MAX), 2^(E_t - 1) <= m_t < 2^E_t, and the unit u_t = 2^(E_t - p + 2) with p the dtype's
+       significand bits (24 float32, 53 float64); so |g_c / u_t| < 2^(p-2).
+    3. Round and add as integers. With M_t = 3 * 2^(p-2) u_t, T = fl(g_c + M_t) lies in [2^(p-1) u_t, 2^p u_t],
+       where floats are spaced u_t: T = M_t + q u_t with q = round(g_c / u_t), and T's bit pattern, read
+       as an unsigned integer of the dtype's width w (32 / 64), is bits(M_t) + q. Those patterns are summed
+       as unsigned integers, locally and then by MPI's SUM: integer addition modulo 2^w is associative
+       and commutative, so the sum is the same in every order and on every rank. Subtracting
+       N * bits(M_t) leaves Q = sum_c q_c exactly (|Q| <= N 2^(p-2) < 2^(w-1) while N <= 2^(w-p): 256 chunks
+       in float32, 2048 in float64; beyond that u_t is coarsened by the missing powers of two).
+       The result is Q u_t, rounded once to the dtype. Counts and flags are exact integers and are summed
+       as integers directly. One pass adds M, one adds the integers; the Allreduce moves as many bytes
+       as "fast".
+
+    Error bound, per entry of tensor t, against the exact sum of the chunk gradients:
+        |result - sum_c g_c| <= N u_t / 2 + ulp(result) / 2 <= N 2^(2-p) m_t + ulp(result) / 2,
+    i.e. N * 4.4e-16 m_t in float64 and N * 2.4e-7 m_t in float32 (m_t: the tensor's largest chunk entry):
+    each chunk gradient is rounded to a multiple of 4 ulp(m_t) before the exact sum.
+    The chunk gradients themselves carry the usual float rounding of forward/backward, as in "fast".
+    A non-finite chunk makes its tensor NaN on every rank (training then stops with a fault naming it).
+
+    Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk), keeps
+    all but its last chunk's gradient (a copy each), reads each chunk for its max, adds M and adds the
+    integers, then makes 2 passes over the result; P > N leaves ranks idle. Measured in README.md.
 """
 
 from __future__ import annotations
@@ -61,65 +80,105 @@ class FastReducer:
 
 
 class ReproducibleReducer:
+    """Exact integer sums of fixed chunk gradients (see the module doc); bitwise independent of P."""
+
     mode = "reproducible"
 
     def __init__(self, comm, n_buf, dtype, group_bounds, chunk):
-        """group_bounds: [(start, stop)] slices of the buffer that share one scale (one per tensor);
-        entries outside every group must hold exact small integers (counts, flags)."""
+        """group_bounds: [(start, stop)] slices of the buffer that share one grid (one per tensor, one
+        for the loss); entries outside every group must hold exact integers (counts, flags)."""
         self.comm, self.chunk = comm, chunk
         self.buf = np.zeros(n_buf, dtype)  # one chunk's results, written by the model
-        self.acc = np.zeros(n_buf, np.float64)
-        self.groups = list(group_bounds)
-        self._stored = np.zeros((0, n_buf), dtype)
-        self._local_max = np.zeros(len(self.groups), np.float64)
-        self._q = np.zeros(n_buf, np.float64)
+        f = np.finfo(self.buf.dtype)
+        self._p, self._w = f.nmant + 1, 8 * self.buf.itemsize  # significand bits; integer width
+        self._min_e = f.minexp - f.nmant  # the smallest unit: M stays a normal number
+        self._max_exp = f.maxexp
+        self._uint, self._int = np.dtype(f"u{self.buf.itemsize}"), np.dtype(f"i{self.buf.itemsize}")
+        self._acc = np.zeros(n_buf, self._uint)
+        self.groups = [(lo, hi) for lo, hi in group_bounds if hi > lo]
         covered = np.zeros(n_buf, bool)
         for lo, hi in self.groups:
             covered[lo:hi] = True
         self._exact = np.flatnonzero(~covered)
-        self._n_local = 0
+        self._exact_sum = np.zeros(len(self._exact), np.int64)
+        self._max = np.zeros(len(self.groups))
+        self._kept = np.zeros((0, n_buf), self.buf.dtype)  # this rank's chunks but the last (that stays in buf)
+        self._n_chunks = self._n_local = 0
 
     def pieces(self, batch_size):
+        """[(start, stop)] positions in the global batch of this rank's chunks (possibly none)."""
         n_chunks = -(-batch_size // self.chunk)
         first, last = share(n_chunks, self.comm.rank, self.comm.size)
         return [(c * self.chunk, min((c + 1) * self.chunk, batch_size)) for c in range(first, last)]
 
     def begin(self, batch_size):
         self._n_chunks = -(-batch_size // self.chunk)
-        n_local = self._n_local = len(self.pieces(batch_size))
-        if n_local > len(self._stored):
-            self._stored = np.zeros((n_local, len(self.buf)), self.buf.dtype)
-        self._local_max[:] = 0.0
-        self.buf[:] = 0
+        self._n_local = len(self.pieces(batch_size))
+        if self._n_local - 1 > len(self._kept):
+            self._kept = np.zeros((self._n_local - 1, len(self.buf)), self.buf.dtype)
+        self._max[:] = 0.0
+        self._exact_sum[:] = 0
+        self.buf[self._exact] = 0  # so that after the pieces they hold only what the caller adds (flags)
 
     def add_piece(self, index):
-        """Keep chunk `index`'s results (in self.buf) until the global scale is known."""
-        np.copyto(self._stored[index], self.buf)
-        for g, (lo, hi) in enumerate(self.groups):
-            if hi > lo:
-                self._local_max[g] = max(self._local_max[g], float(np.max(np.abs(self.buf[lo:hi]))))
-        self.buf[:] = 0
+        """Note chunk `index`'s largest entries and counts; keep its gradient until the grid is known."""
+        g = self.buf
+        for k, (lo, hi) in enumerate(self.groups):
+            m = float(max(g[lo:hi].max(), -g[lo:hi].min()))
+            self._max[k] = max(self._max[k], m if m == m else math.inf)  # NaN -> inf: MPI MAX keeps it
+        self._take_exact()
+        if index < self._n_local - 1:
+            np.copyto(self._kept[index], g)
 
     def allreduce(self):
-        m = self.comm.allreduce_max_(self._local_max.copy())
-        log2_n = math.ceil(math.log2(max(self._n_chunks, 1)))
-        exponents = [52 - int(np.frexp(mt)[1]) - log2_n if np.isfinite(mt) else 0 for mt in m]
-        self.acc[:] = 0.0
-        for stored in self._stored[:self._n_local]:
-            self._add_quantized(stored, exponents)
-        self.comm.allreduce_sum_(self.acc)
-        for (lo, hi), e in zip(self.groups, exponents):
-            self.acc[lo:hi] *= 2.0 ** -e  # exact: a power of two
-        np.copyto(self.buf, self.acc, casting="same_kind")
-        return self.buf
+        self._take_exact()  # what the caller wrote after the last piece (the stop flag), once per rank
+        m = self.comm.allreduce_max_(self._max.copy())
+        units = [self._unit_exponent(mt) for mt in m]
+        magic = [None if e is None else self._magic(e) for e in units]
+        acc, buf = self._acc, self.buf
+        chunks = [*self._kept[:self._n_local - 1], buf] if self._n_local else []
+        for i, g in enumerate(chunks):
+            for (lo, hi), M in zip(self.groups, magic):
+                if M is not None:
+                    np.add(g[lo:hi], M, out=g[lo:hi])  # T = M + q u: g rounded to the grid, once
+            bits = g.view(self._uint)
+            if i == 0:  # start from this rank's share of N * bits(M), so the global sum is Q itself
+                for (lo, hi), M in zip(self.groups, magic):
+                    bias = 0 if M is None else len(chunks) * int(M.view(self._uint)) % (1 << self._w)
+                    np.subtract(bits[lo:hi], self._uint.type(bias), out=acc[lo:hi])
+            else:
+                np.add(acc, bits, out=acc)  # wraps modulo 2^w: harmless, see the module doc
+        if not chunks:
+            acc[:] = 0
+        q = acc.view(self._int)
+        q[self._exact] = self._exact_sum
+        self.comm.allreduce_sum_(acc)
+        for (lo, hi), e in zip(self.groups, units):
+            if e is None:
+                buf[lo:hi] = np.nan
+            else:
+                np.copyto(buf[lo:hi], q[lo:hi], casting="unsafe")  # Q rounded to the dtype, once
+                buf[lo:hi] *= buf.dtype.type(2.0 ** e)  # exact (a power of two) unless subnormal
+        buf[self._exact] = q[self._exact]
+        return buf
 
-    def _add_quantized(self, chunk_buf, exponents):
-        q = self._q
-        for (lo, hi), e in zip(self.groups, exponents):
-            np.multiply(chunk_buf[lo:hi], 2.0 ** e, out=q[lo:hi])  # exact: a power of two
-            np.rint(q[lo:hi], out=q[lo:hi])
-        q[self._exact] = chunk_buf[self._exact]  # exact integers (counts, flags)
-        self.acc += q
+    def _take_exact(self):
+        self._exact_sum += self.buf[self._exact].astype(np.int64)
+        self.buf[self._exact] = 0
+
+    def _unit_exponent(self, m):
+        """e with u = 2^e the grid of a tensor whose largest chunk entry is m; None if m is not finite
+        or so large that M would overflow."""
+        if not math.isfinite(m):
+            return None
+        p = self._p
+        coarsen = max(0, (self._n_chunks - 1).bit_length() - (self._w - p))  # ceil(log2 N) - (w - p)
+        e = max(math.frexp(m)[1] - p + 2 + coarsen, self._min_e)
+        return e if e + p < self._max_exp else None
+
+    def _magic(self, e):
+        """M = 3 * 2^(p-2) * 2^e in the buffer's dtype."""
+        return np.ldexp(self.buf.dtype.type(3), self._p - 2 + e)
 
 
 def make_reducer(mode, comm, n_buf, dtype, group_bounds, chunk):

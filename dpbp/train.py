@@ -213,6 +213,18 @@ def params_checksum(params):
     return zlib.crc32(params.tobytes())
 
 
+def starting_params(cfg, init_path=None):
+    """{name: float64 array}: the --init file's, else the seeded initialisation (the tutorial's weights
+    for its 2-2-2 example). Shared with dpbp.verify."""
+    if init_path:
+        from dpbp.model import param_names, param_shapes
+        return ckpt.load_params(init_path, param_names(len(cfg["model.sizes"]) - 1),
+                                param_shapes(cfg["model.sizes"]))
+    seed_example = cfg["data.name"] == "seed" and cfg["model.sizes"] == [2, 2, 2] and not cfg["data.path"]
+    return initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"],
+                          "seed_example" if seed_example else "auto")
+
+
 def main(argv, comm):
     args = parse_args(build_parser(), argv, comm)
     expected = os.environ.get("DPBP_EXPECT_WORLD_SIZE")
@@ -230,19 +242,12 @@ def main(argv, comm):
     if idle_ranks and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
                         f"every rank needs at least one")
-    init = None
-    if args.init:
-        from dpbp.model import param_names, param_shapes
-        init = ckpt.load_params(args.init, param_names(len(cfg["model.sizes"]) - 1),
-                                param_shapes(cfg["model.sizes"]))
+    init = starting_params(cfg, args.init)
 
     run_dir = choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
     trainer = Trainer(cfg, comm, train_data)
     model = trainer.model
-    model.load(init if init is not None else initial_params(
-        cfg["model.sizes"], cfg["model.activation"], cfg["seed"],
-        "seed_example" if cfg["data.name"] == "seed" and cfg["model.sizes"] == [2, 2, 2]
-        and not cfg["data.path"] else "auto"))
+    model.load(init)
 
     start = 0
     resumed_from = None
