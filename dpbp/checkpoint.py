@@ -2,7 +2,12 @@
 
 A file holds named arrays (``layers.{k}.weight``/``.bias`` for parameters, ``optim.velocity`` ...) and
 one JSON string ``__meta__`` with the progress counters, the config and a SHA-256 over every array, so a
-truncated or altered file is detected on load. Nothing is ever unpickled (``allow_pickle=False``).
+truncated or altered file is detected on load.
+
+Reading never trusts the file: every member's .npy header is read and checked (no object dtype, so
+nothing is ever unpickled; the declared size must fit in the member and under a limit; the shape must be
+the expected one when the caller knows it) before any array data is read. Every problem is a UserError
+naming the file.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -20,6 +27,12 @@ from dpbp.errors import UserError
 
 META = "__meta__"
 CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.npz$")
+TMP_PREFIX = ".tmp-"
+MAX_META_BYTES = 1 << 24  # the JSON metadata (config, counters) is a few kB
+
+
+class Refused(UserError):
+    """A sound file that does not fit the caller (shape, size): not a sign of damage."""
 
 
 def digest(arrays):
@@ -32,12 +45,15 @@ def digest(arrays):
 
 
 def save(path, arrays, meta=None):
-    """Write arrays (+ meta) to `path` atomically: temporary file, fsync, rename, fsync the folder."""
+    """Write arrays (+ meta) to `path` atomically: temporary file, fsync, rename, fsync the folder.
+
+    A crash at any moment leaves either the old file or the new one at `path`, never a partial one.
+    """
     meta = dict(meta or {})
     meta["sha256"] = digest(arrays)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays, **{META: np.array(json.dumps(meta))})
@@ -55,21 +71,87 @@ def save(path, arrays, meta=None):
         os.close(dir_fd)
 
 
-def load(path):
-    """(arrays, meta) from a file written by ``save``; UserError naming the file if it is damaged."""
+# ---------------------------------------------------------------- reading untrusted files
+
+
+def _header(member):
+    """(shape, dtype) declared by an .npy member, read without touching its data."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return shape, dtype
+
+
+def _check_member(path, name, info, shape, dtype, expected, budget):
+    """Refuse before reading data: objects (pickles), sizes the member cannot hold, unexpected shapes."""
+    if dtype.hasobject:
+        raise UserError(f"{path}: {name} holds Python objects; refusing to unpickle it "
+                        f"(only plain numeric arrays are read)")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow for absurd shapes
+    if nbytes > info.file_size:
+        raise UserError(f"{path}: {name} declares shape {shape} of {dtype} ({nbytes} bytes) but holds "
+                        f"only {info.file_size} bytes (the file is truncated or damaged)")
+    if expected is not None and name in expected and tuple(shape) != tuple(expected[name]):
+        raise Refused(f"{path}: {name} has shape {tuple(shape)}, the model needs {tuple(expected[name])}")
+    if budget is not None and nbytes > budget:
+        raise Refused(f"{path}: {name} declares {nbytes} bytes, more than the {budget} bytes "
+                      f"that are plausible here")
+    return nbytes
+
+
+def _read_zip(path, expected, max_bytes):
+    with zipfile.ZipFile(path) as zf:
+        members = []
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise UserError(f"{path}: unexpected member {info.filename!r}; not an .npz of arrays")
+            name = info.filename[:-4]
+            with zf.open(info) as member:
+                shape, dtype = _header(member)
+            budget = MAX_META_BYTES if name == META else max_bytes
+            members.append((info, name, shape, dtype))
+            spent = _check_member(path, name, info, shape, dtype, expected, budget)
+            if max_bytes is not None and name != META:
+                max_bytes -= spent
+        arrays = {}
+        for info, name, _, _ in members:
+            with zf.open(info) as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+        return arrays
+
+
+def load(path, expected=None, max_bytes=None):
+    """(arrays, meta) from a file written by ``save``; UserError naming the file if it is damaged.
+
+    expected: {name: shape} to check before reading data (other names may be present too);
+    max_bytes: refuse files whose arrays (besides the metadata) declare more than this in total.
+    """
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        arrays = _read_zip(path, expected, max_bytes)
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except Exception as e:  # BadZipFile, EOFError, ValueError (object arrays), zlib errors ...
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not an .npz file") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied") from None
+    except zipfile.BadZipFile as e:
+        raise UserError(f"{path}: not a readable .npz file, or a truncated one ({e})") from None
+    except Exception as e:  # noqa: BLE001 - EOFError, ValueError, zlib.error, MemoryError, ...
         raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     meta = {}
     if META in arrays:
         try:
             meta = json.loads(str(arrays.pop(META)))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise UserError(f"{path}: its metadata is damaged") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{path}: its metadata is damaged")
         if meta.get("sha256") != digest(arrays):
             raise UserError(f"{path}: checksum mismatch (the file is truncated or was altered)")
     return arrays, meta
@@ -77,21 +159,24 @@ def load(path):
 
 def load_params(path, names, shapes):
     """{name: float64 array} for a model, checked by name, shape and dtype (for --init and evaluate)."""
-    arrays, _ = load(path)
+    expected = dict(zip(names, shapes))
+    need = sum(math.prod(s) for s in shapes) * 8
+    arrays, _ = load(path, expected, max_bytes=4 * need + (1 << 20))
     missing = [n for n in names if n not in arrays]
     if missing:
         raise UserError(f"{path}: no array named {missing[0]!r} (expected {', '.join(names)})")
     params = {}
-    for name, shape in zip(names, shapes):
+    for name, shape in expected.items():
         a = arrays[name]
-        if tuple(a.shape) != tuple(shape):
-            raise UserError(f"{path}: {name} has shape {tuple(a.shape)}, the model needs {tuple(shape)}")
         if a.dtype.kind not in "fiu":
             raise UserError(f"{path}: {name} has dtype {a.dtype}, expected floating point numbers")
         if not np.isfinite(a).all():
             raise UserError(f"{path}: {name} holds NaN or inf")
         params[name] = a.astype(np.float64)
     return params
+
+
+# ---------------------------------------------------------------- a run directory's checkpoints
 
 
 def checkpoint_path(run_dir, step):
@@ -101,7 +186,7 @@ def checkpoint_path(run_dir, step):
 def list_checkpoints(run_dir):
     """Checkpoint paths in run_dir, newest (highest step) first."""
     found = []
-    for p in glob.glob(os.path.join(run_dir, "ckpt-*.npz")):
+    for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt-*.npz")):
         m = CKPT_PATTERN.search(os.path.basename(p))
         if m:
             found.append((int(m.group(1)), p))
@@ -109,23 +194,36 @@ def list_checkpoints(run_dir):
 
 
 def prune(run_dir, keep):
+    """Keep the `keep` newest checkpoints; drop temporary files a killed writer left behind."""
     for p in list_checkpoints(run_dir)[keep:]:
         os.unlink(p)
+    for p in glob.glob(os.path.join(glob.escape(run_dir), TMP_PREFIX + "*.npz")):
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
 
 
-def newest_valid(run_dir, warn):
+def newest_valid(run_dir, warn, max_bytes=None):
     """(arrays, meta, path) of the newest checkpoint that loads and checks out, or None.
 
-    A damaged newer file is reported through warn() and skipped, so the previous one is used.
+    A damaged newer file is reported through warn(), renamed to ``<name>.damaged`` (kept for a post
+    mortem; never chosen again, nor counted among the kept ones) and skipped, so the previous one is
+    used. A sound file that is too large for max_bytes is refused (Refused), not skipped.
     """
     for p in list_checkpoints(run_dir):
         try:
-            arrays, meta = load(p)
+            arrays, meta = load(p, max_bytes=max_bytes)
+            if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
+                raise UserError(f"{p}: not a dpbp checkpoint (no step recorded)")
+        except Refused:
+            raise
         except UserError as e:
-            warn(f"skipping damaged checkpoint: {e}")
-            continue
-        if "step" not in meta:
-            warn(f"skipping {p}: not a dpbp checkpoint (no step recorded)")
+            warn(f"skipping damaged checkpoint: {e}; using the previous one")
+            try:
+                os.replace(p, p + ".damaged")
+            except OSError:
+                pass
             continue
         return arrays, meta, p
     return None

@@ -3,8 +3,15 @@
 - UserError (bad config, data, checkpoint, command line): every rank meets it at the same point, so
   each exits with EXIT_USAGE and only rank 0 prints the one-line message.
 - TrainingFault (non-finite values, diverged replicas): same, with EXIT_FAULT.
+- KeyboardInterrupt (Ctrl-C, which mpirun forwards to every rank): same, with EXIT_INTERRUPTED.
 - Anything else happened on ONE rank while the others may be waiting in a collective: that rank prints
   the error once, prefixed with its rank, and aborts the whole MPI job so no rank hangs.
+
+How a failing rank tells "everyone failed here" from "I alone failed": it enters a non-blocking barrier
+on a private duplicate of the world communicator (so it can never match a collective that healthy ranks
+are blocked in). If every rank arrives within a grace period, the messages are gathered and rank 0 prints
+each distinct one once; otherwise this rank prints its own message with its rank and calls MPI_Abort.
+So even an error that was meant to be uniform but is not cannot leave a rank waiting forever.
 """
 
 from __future__ import annotations
@@ -12,10 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from dpbp.comm import get_comm
-from dpbp.errors import EXIT_CRASH, EXIT_FAULT, EXIT_USAGE, TrainingFault, UserError
+from dpbp.errors import (EXIT_CRASH, EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingFault,
+                         UserError)
+
+# Seconds a failing rank waits for the others to fail too before aborting the job on its own.
+# Expected errors happen at the same point on every rank; a crash on one rank usually does not.
+GRACE_EXPECTED_S = 10.0
+GRACE_CRASH_S = 3.0
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,32 +58,86 @@ def say(comm, *lines, file=None):
         print(*lines, file=file or sys.stdout, flush=True)
 
 
+class FailureAgreement:
+    """A private communicator on which failing ranks find out whether every rank failed."""
+
+    def __init__(self, comm):
+        world = getattr(comm, "comm", None)  # the mpi4py communicator of an MPIComm; None when serial
+        self.private = world.Dup() if world is not None and comm.size > 1 else None
+
+    def gather(self, item, grace_s):
+        """Every rank's item if all ranks call this within grace_s seconds, else None."""
+        if self.private is None:
+            return [item]
+        request = self.private.Ibarrier()
+        deadline = time.monotonic() + grace_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)
+        return self.private.allgather(item)
+
+
+def rank_list(ranks, size):
+    if len(ranks) == size and size > 1:
+        return "all ranks"
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def fail(comm, agreement, prog, kind, text, code, grace_s):
+    """Report a failure once and return the exit status, or abort the job if other ranks are still busy.
+
+    kind is "error" or "stopped"; text the message without a rank. A message every rank shares is
+    printed once without a rank, unless it is a crash; otherwise each distinct one once, with its ranks.
+    """
+    outcomes = agreement.gather((code, kind, text), grace_s)
+    if outcomes is None:  # the others are busy (likely blocked in a collective): take the job down
+        where = f"rank {comm.rank}: " if comm.size > 1 else ""
+        print(f"{prog}: {where}{kind}: {text}", file=sys.stderr, flush=True)
+        comm.abort(code)
+        return code
+    if comm.rank == 0:
+        by_message = {}
+        for r, (c, k, t) in enumerate(outcomes):
+            by_message.setdefault((c, k, t), []).append(r)
+        for (c, k, t), ranks in by_message.items():
+            named = comm.size > 1 and (c == EXIT_CRASH or len(by_message) > 1)
+            where = f"{rank_list(ranks, comm.size)}: " if named else ""
+            print(f"{prog}: {where}{k}: {t}", file=sys.stderr, flush=True)
+    return min(c for c, _, _ in outcomes)  # EXIT_CRASH (1) outranks the expected failures
+
+
+# MPICH switches its shared-memory Allreduce to another algorithm (another summation order) once a
+# communicator has seen this many collectives; a resumed run has seen fewer than the uninterrupted one at
+# the same step, so its first steps would round differently. 0 = the same algorithm from the first call.
+# Read by MPICH when MPI starts; other MPI libraries ignore it; a value the user set wins.
+MPI_SETTINGS = {"MPIR_CVAR_POSIX_NUM_COLLS_THRESHOLD": "0"}
+
+
 def run(main, argv=None, prog="dpbp"):
     """Run main(argv, comm) and turn its outcome into an exit status (see the module doc)."""
+    for name, value in MPI_SETTINGS.items():
+        os.environ.setdefault(name, value)
     try:
         comm = get_comm()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    agreement = FailureAgreement(comm)
     try:
         return main(sys.argv[1:] if argv is None else argv, comm) or 0
     except UserError as e:
-        say(comm, f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(comm, agreement, prog, "error", str(e), EXIT_USAGE, GRACE_EXPECTED_S)
     except TrainingFault as e:
-        say(comm, f"{prog}: stopped: {e}", file=sys.stderr)
-        return EXIT_FAULT
+        return fail(comm, agreement, prog, "stopped", str(e), EXIT_FAULT, GRACE_EXPECTED_S)
     except KeyboardInterrupt:
+        return fail(comm, agreement, prog, "stopped", "interrupted", EXIT_INTERRUPTED, GRACE_EXPECTED_S)
+    except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - a crash on one rank must take the whole job down
-        if isinstance(e, SystemExit):
-            raise
-        where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        print(f"{prog}: {where}error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if os.environ.get("DPBP_TRACEBACK") == "1":
             traceback.print_exc()
-        comm.abort(EXIT_CRASH)
-        return EXIT_CRASH
+        return fail(comm, agreement, prog, "error", f"{type(e).__name__}: {e}", EXIT_CRASH, GRACE_CRASH_S)
 
 
 def agree(comm, error: str | None):

@@ -34,6 +34,12 @@ class SerialComm:
     def iallreduce_sum_(self, buf):
         return _DoneRequest()
 
+    def test_all(self, requests):
+        return True
+
+    def wait_all(self, requests):
+        pass
+
     def bcast(self, obj):
         return obj
 
@@ -42,6 +48,9 @@ class SerialComm:
 
     def barrier(self):
         pass
+
+    def ibarrier(self):
+        return _DoneRequest()
 
     def abort(self, code):
         sys.stdout.flush()
@@ -56,6 +65,9 @@ class SerialComm:
 class _DoneRequest:
     def Wait(self):
         pass
+
+    def Test(self):
+        return True
 
 
 class MPIComm:
@@ -79,6 +91,13 @@ class MPIComm:
         """Start a non-blocking in-place sum; the caller Waits on the returned request."""
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
+    def test_all(self, requests):
+        """Let MPI progress the requests (MPICH advances non-blocking collectives inside MPI calls)."""
+        return self.MPI.Request.Testall(requests)
+
+    def wait_all(self, requests):
+        self.MPI.Request.Waitall(requests)
+
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
@@ -87,6 +106,10 @@ class MPIComm:
 
     def barrier(self):
         self.comm.Barrier()
+
+    def ibarrier(self):
+        """A non-blocking barrier: poll its Test() with sleeps to wait without spinning a core."""
+        return self.comm.Ibarrier()
 
     def abort(self, code):
         sys.stdout.flush()

@@ -14,15 +14,19 @@ from dpbp.layers import ACTIVATIONS
 _TINY = 1e-300  # keeps log(0) finite; float32 outputs are upcast by the reduction below
 
 
-def squared_error(out, y, delta, output):
-    """E = sum 1/2 (y - out)^2;  delta^(L) = (out - y) * f'(net^(L))   (the seed's output rule)."""
+def squared_error(out, y, delta, output, scratch=None):
+    """E = sum 1/2 (y - out)^2;  delta^(L) = (out - y) * f'(net^(L))   (the seed's output rule).
+
+    scratch: a buffer shaped like out for the activation's derivative (allocated if not given).
+    """
     np.subtract(out, y, out=delta)
     E = 0.5 * float(np.vdot(delta, delta))
-    ACTIVATIONS[output][1](delta, out)  # grad_out E (.) sigma'(net), or J^T grad_out E for softmax
+    # grad_out E (.) sigma'(net), or J^T grad_out E for softmax
+    ACTIVATIONS[output][1](delta, out, np.empty_like(out) if scratch is None else scratch)
     return E
 
 
-def cross_entropy(out, y, delta, output):
+def cross_entropy(out, y, delta, output, scratch=None):
     """softmax: E = -sum y log out;  sigmoid: E = -sum [y log out + (1 - y) log(1 - out)].
 
     With these outputs the activation's derivative cancels against dE/dout: delta^(L) = out - y.
@@ -48,12 +52,14 @@ def l2_penalty(weights, l2):
     return 0.5 * l2 * sum(float(np.vdot(W, W)) for W in weights)
 
 
-def finish_gradient(nabla_w, nabla_b, weights, l2, divisor):
+def finish_gradient(nabla_w, nabla_b, weights, l2, divisor, scratch=None):
     """Turn the Allreduce-summed data gradient into dE/dw of the regularised error, in place.
 
     grad = (sum over the global batch of dE_n/dw) / divisor + lambda W
     divisor is 1 for reduction = "sum" and the GLOBAL batch size for "mean", never a rank's share,
-    and the l2 term is added here, once per step, not once per rank.
+    and the l2 term is added here, once per step, not once per rank. (The trainer passes divisor 1:
+    it folds 1/B into delta^(L) instead, see ``MLP.backward``.)
+    scratch: optional flat buffer with room for the largest W, so that lambda W needs no temporary.
     """
     if divisor != 1:
         scale = 1.0 / divisor
@@ -61,4 +67,9 @@ def finish_gradient(nabla_w, nabla_b, weights, l2, divisor):
             g *= scale
     if l2 != 0.0:
         for g, W in zip(nabla_w, weights):
-            g += l2 * W
+            if scratch is None:
+                g += l2 * W
+            else:
+                l2_W = scratch[:W.size].reshape(W.shape)
+                np.multiply(W, l2, out=l2_W)
+                g += l2_W

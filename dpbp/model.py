@@ -91,7 +91,7 @@ class MLP:
         self.f = [ACTIVATIONS[activation][0]] * (self.n_layers - 1) + [ACTIVATIONS[output][0]]
         self.f_prime_times = [ACTIVATIONS[activation][1]] * (self.n_layers - 1)
         self.loss = LOSSES[loss]
-        self._rows = 0
+        self._rows, self._views_B = 0, None
 
     # ------------------------------------------------------------ parameters by name
 
@@ -107,43 +107,74 @@ class MLP:
     # ------------------------------------------------------------ workspace
 
     def _workspace(self, rows):
-        """Activations and deltas for up to `rows` samples, allocated once and reused as views."""
+        """Activations out^(l), deltas and one scratch per layer for `rows` samples.
+
+        Allocated once for the largest batch seen and reused as views: a step allocates nothing
+        proportional to the model. The views for a batch size are kept too (the last one), so a
+        step of the usual size does no per-layer Python work to find its buffers.
+        """
         if rows > self._rows:
             self._rows = rows
             self._out = [np.empty((rows, n), self.dtype) for n in self.sizes]
             self._delta = [np.empty((rows, n), self.dtype) for n in self.sizes]
+            self._scratch = [np.empty((rows, n), self.dtype) for n in self.sizes]
+            self._views_B = None
+        if self._views_B != rows:
+            self._views_B = rows
+            self._outs = [o[:rows] for o in self._out]
+            self._deltas = [d[:rows] for d in self._delta]
+            self._scratches = [s[:rows] for s in self._scratch]
+        return self._outs
+
+    def buffers(self, rows):
+        """(outs, deltas): the (rows, n_l) activation and delta buffers a step of `rows` samples uses."""
+        self._workspace(rows)
+        return self._outs, self._deltas
+
+    def input_buffer(self, rows):
+        """The (rows, n_0) buffer that forward reads x from: fill it in place (e.g. np.take(..., out=))
+        and pass it to forward to skip a copy."""
+        return self._workspace(rows)[0]
 
     # ------------------------------------------------------------ forward / backward
 
     def forward(self, x):
-        """x: (B, n_0) -> out^(L): (B, n_L). Keeps every layer's out^(l) and the caches for backward."""
-        B = x.shape[0]
-        self._workspace(B)
-        outs = [o[:B] for o in self._out]
-        np.copyto(outs[0], x)  # also casts the input to the model's dtype
-        self._caches = []
+        """x: (B, n_0) -> out^(L): (B, n_L). Keeps every layer's out^(l) for backward."""
+        outs = self._workspace(x.shape[0])
+        if x is not outs[0]:
+            np.copyto(outs[0], x)  # also casts the input to the model's dtype
+        weights, biases, f = self.weights, self.biases, self.f
         for l in range(self.n_layers):
-            net, cache = dense_forward(outs[l], self.weights[l], self.biases[l], outs[l + 1])
-            self.f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
-            self._caches.append(cache)
-        self._B, self._outs = B, outs
+            net = dense_forward(outs[l], weights[l], biases[l], outs[l + 1])
+            f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
         return outs[-1]
 
-    def backward(self, y):
+    def backward(self, y, scale=1.0, ready=None):
         """y: (B, n_L) targets for the last forward. Fills nabla_w, nabla_b; returns the summed E.
 
         delta^(L) = grad_out E (.) f'(net^(L))                  (losses.py)
         delta^(l) = (W^(l+1))^T delta^(l+1) (.) f'(net^(l))
         dE/dw_ij^(l) = sum over samples of out_j^(l-1) delta_i^(l)
+
+        scale multiplies delta^(L), so the gradients are those of scale * E (backprop is linear in
+        delta^(L)): 1 / (global batch) gives the mean's gradient for the price of B x n_L multiplies
+        instead of a pass over every parameter. The returned E is never scaled.
+        ready(l), if given, is called as soon as layer l's nabla_w[l] and nabla_b[l] are final
+        (l = L-1 first), e.g. to start reducing them while backward goes on.
         """
-        B, L = self._B, self.n_layers
-        deltas = [d[:B] for d in self._delta]
-        E = self.loss(self._outs[-1], y, deltas[L], self.output)
+        outs, deltas, scratches = self._outs, self._deltas, self._scratches
+        L = self.n_layers
+        E = self.loss(outs[-1], y, deltas[L], self.output, scratches[L])
+        if scale != 1.0:
+            deltas[L] *= scale
+        weights, nabla_w, nabla_b, f_prime_times = self.weights, self.nabla_w, self.nabla_b, self.f_prime_times
         for l in range(L - 1, -1, -1):
             dx = deltas[l] if l > 0 else None
-            dense_backward(deltas[l + 1], self._caches[l], self.nabla_w[l], self.nabla_b[l], dx)
+            dense_backward(deltas[l + 1], outs[l], weights[l], nabla_w[l], nabla_b[l], dx)
+            if ready is not None:
+                ready(l)
             if l > 0:
-                self.f_prime_times[l - 1](deltas[l], self._outs[l])
+                f_prime_times[l - 1](dx, outs[l], scratches[l])
         return E
 
     def predict(self, x):

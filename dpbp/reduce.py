@@ -56,16 +56,46 @@ def share(n, rank, size):
 
 
 class FastReducer:
+    """One piece per rank, then the float buffer summed over ranks by MPI, in place.
+
+    Default (no buckets): ONE blocking Allreduce of the whole buffer after backward.
+    With ``use_buckets``: backward reports each layer as soon as its gradient is final (the last layer
+    first; the buffer holds layer 0 first, so what is final is always a tail of the gradient). The
+    gradient is cut at layer boundaries into buckets of at least ``bucket_bytes``, from the end; each
+    bucket's non-blocking Iallreduce starts as soon as it is final, so reducing the later layers can
+    overlap the backward of the earlier ones. ``allreduce`` starts what is left, reduces the statistics
+    after the gradient and waits for all. Every rank issues the same buckets in the same order (an idle
+    rank starts them all in ``allreduce``).
+    """
+
     mode = "fast"
 
     def __init__(self, comm, n_buf, dtype, group_bounds):
         self.comm = comm
         self.buf = np.zeros(n_buf, dtype)
+        self._pieces = {}  # batch size -> [(start, stop)], computed once per size
+        self.buckets = []  # [(lo, hi)] slices of the gradient, last first; [] = one blocking Allreduce
+        self._requests = []
+
+    def use_buckets(self, layer_starts, n_grad, bucket_bytes):
+        """buf[:n_grad] is the gradient and layer_starts the offsets where layers begin (any order)."""
+        self.n_grad, self.buckets = n_grad, []
+        if bucket_bytes <= 0:
+            return
+        hi = n_grad
+        for lo in sorted(layer_starts, reverse=True):
+            if (hi - lo) * self.buf.itemsize >= bucket_bytes or lo == 0:
+                if hi > lo:
+                    self.buckets.append((lo, hi))
+                hi = lo
 
     def pieces(self, batch_size):
         """[(start, stop)] positions in the global batch that this rank computes, one piece each."""
-        start, stop = share(batch_size, self.comm.rank, self.comm.size)
-        return [(start, stop)] if stop > start else []
+        p = self._pieces.get(batch_size)
+        if p is None:
+            start, stop = share(batch_size, self.comm.rank, self.comm.size)
+            p = self._pieces[batch_size] = [(start, stop)] if stop > start else []
+        return p
 
     def begin(self, batch_size):
         if not self.pieces(batch_size):
@@ -74,8 +104,23 @@ class FastReducer:
     def add_piece(self, index):
         """The piece's results are already in self.buf (there is only one piece per rank)."""
 
+    def grad_ready(self, offset):
+        """buf[offset:n_grad] is final on this rank: start every bucket inside it not yet started."""
+        requests, buckets = self._requests, self.buckets
+        while len(requests) < len(buckets) and buckets[len(requests)][0] >= offset:
+            lo, hi = buckets[len(requests)]
+            requests.append(self.comm.iallreduce_sum_(self.buf[lo:hi]))
+        if requests:
+            self.comm.test_all(requests)  # MPI progresses non-blocking collectives only inside MPI calls
+
     def allreduce(self):
-        self.comm.allreduce_sum_(self.buf)
+        if not self.buckets:
+            self.comm.allreduce_sum_(self.buf)
+            return self.buf
+        self.grad_ready(0)
+        self.comm.allreduce_sum_(self.buf[self.n_grad:])  # the statistics, written after backward
+        self.comm.wait_all(self._requests)
+        self._requests = []
         return self.buf
 
 

@@ -10,9 +10,10 @@ Exact because E_total = sum_n E_n, so dE_total/dw = sum_n dE_n/dw: partial sums 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
-import signal
 import sys
 import time
 import zlib
@@ -22,9 +23,10 @@ import numpy as np
 from dpbp import __version__
 from dpbp import checkpoint as ckpt
 from dpbp.cli import ArgumentParser, agree, parse_args, run
-from dpbp.config import load_config, to_toml, trajectory_items
-from dpbp.data import batch_indices, batches_per_epoch, load_data
+from dpbp.config import load_config, to_toml, trajectory_hash, trajectory_items
+from dpbp.data import batch_indices, batches_per_epoch, epoch_order, load_data
 from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
+from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.losses import finish_gradient, l2_penalty
 from dpbp.model import MLP, initial_params
 from dpbp.optim import SGD
@@ -61,6 +63,32 @@ class Trainer:
         self.opt = SGD(self.model.params, cfg["optim.lr"], cfg["optim.momentum"])
         self.divisor_mean = cfg["loss.reduction"] == "mean"
         self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
+        self._init_fast_path(cfg, bounds, n)
+
+    def _init_fast_path(self, cfg, bounds, n):
+        """Buffers and hooks that keep a step free of allocations proportional to the model."""
+        model, x = self.model, self.data.x
+        # Rows are gathered straight into the model's input buffer, or staged when the data's dtype differs.
+        self._stage = None if x.dtype == model.dtype else np.empty((0, x.shape[1]), x.dtype)
+        self._l2_scratch = np.empty(max(W.size for W in model.weights), model.dtype) if cfg["loss.l2"] else None
+        self._ready = None
+        if cfg["comm.bucket_mb"] and hasattr(self.reducer, "use_buckets"):
+            layer_starts = [lo for lo, _ in bounds[0:2 * model.n_layers:2]]
+            self.reducer.use_buckets(layer_starts, n, cfg["comm.bucket_mb"] * 2**20)
+            self._ready = lambda l: self.reducer.grad_ready(layer_starts[l])
+
+    def _inputs(self, rows):
+        """The model's input buffer holding data.x[rows], filled without temporaries."""
+        x = self.model.input_buffer(len(rows))
+        if self._stage is None:
+            np.take(self.data.x, rows, axis=0, out=x, mode="clip")  # "clip": "raise" would buffer a copy
+        else:
+            if len(self._stage) < len(rows):
+                self._stage = np.empty((len(rows), x.shape[1]), self._stage.dtype)
+            stage = self._stage[:len(rows)]
+            np.take(self.data.x, rows, axis=0, out=stage, mode="clip")
+            np.copyto(x, stage)
+        return x
 
     def gradient(self, idx, stop=0.0):
         """All ranks: the full-batch gradient of the regularised error for global indices idx.
@@ -68,22 +96,25 @@ class Trainer:
         Leaves it in model.grad (views nabla_w, nabla_b) and returns the reduced statistics
         (loss sum, correct count, stop flags summed over ranks).
         """
-        model, data, reducer = self.model, self.data, self.reducer
-        reducer.begin(len(idx))
-        for i, (a, b) in enumerate(reducer.pieces(len(idx))):
+        model, data, reducer, stats = self.model, self.data, self.reducer, self.stats
+        B = len(idx)
+        scale = 1.0 / B if self.divisor_mean else 1.0  # 1/(global B) rides delta^(L): see MLP.backward
+        reducer.begin(B)
+        for i, (a, b) in enumerate(reducer.pieces(B)):
             rows = idx[a:b]
-            out = model.forward(data.x[rows])
-            self.stats[LOSS] = model.backward(data.t[rows])
-            self.stats[CORRECT] = (np.count_nonzero(out.argmax(axis=1) == data.labels[rows])
-                                   if data.labels is not None else 0)
+            out = model.forward(self._inputs(rows))
+            t, labels = data.targets(rows)  # from a data file: reads only these rows
+            stats[LOSS] = model.backward(t, scale, self._ready)
+            stats[CORRECT] = np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0
             reducer.add_piece(i)
-        self.stats[STOP] = stop
+        stats[STOP] = stop
         t0 = time.perf_counter()
         reducer.allreduce()
         self.comm_s += time.perf_counter() - t0
-        divisor = len(idx) if self.divisor_mean else 1
-        finish_gradient(model.nabla_w, model.nabla_b, model.weights, self.cfg["loss.l2"], divisor)
-        return self.stats.astype(np.float64)
+        l2 = self.cfg["loss.l2"]
+        if l2:
+            finish_gradient(model.nabla_w, model.nabla_b, model.weights, l2, 1, self._l2_scratch)
+        return stats.astype(np.float64)
 
     def loss_value(self, stats, batch_size):
         """E of the batch as reported: data term (/B for mean) + lambda/2 sum ||W||^2 (before the update)."""
@@ -109,56 +140,34 @@ def _shapes(sizes):
     return param_shapes(sizes)
 
 
-def evaluate(model, data, comm):
+def evaluate(model, data, comm, confusion=None):
     """(loss sum, correct, count) over data, split across ranks by fixed chunks and combined in chunk
-    order, so the figures are the same bit for bit whatever the number of ranks."""
+    order, so the figures are the same bit for bit whatever the number of ranks.
+
+    confusion: an optional (classes, classes) int64 array; counts [true label, predicted class] are
+    added to it, summed over ranks (exact, integers). Every rank must pass one or none.
+    """
     n_chunks = -(-len(data) // EVAL_CHUNK)
     first, last = share(n_chunks, comm.rank, comm.size)
     mine = []
     delta = None
     for c in range(first, last):
         rows = slice(c * EVAL_CHUNK, min((c + 1) * EVAL_CHUNK, len(data)))
-        out = model.forward(data.x[rows])
+        x, t, labels = data.batch(rows)
+        out = model.forward(x)
         if delta is None or len(delta) < len(out):
             delta = np.empty_like(out, shape=(EVAL_CHUNK, out.shape[1]))
-        E = model.loss(out, data.t[rows], delta[:len(out)], model.output)
-        correct = (int(np.count_nonzero(out.argmax(axis=1) == data.labels[rows]))
-                   if data.labels is not None else 0)
+        E = model.loss(out, t, delta[:len(out)], model.output)
+        predicted = out.argmax(axis=1)
+        correct = int(np.count_nonzero(predicted == labels)) if labels is not None else 0
+        if confusion is not None and labels is not None:
+            np.add.at(confusion, (labels, predicted), 1)
         mine.append((E, correct))
     per_chunk = [item for part in comm.allgather(mine) for item in part]
+    if confusion is not None:
+        comm.allreduce_sum_(confusion)
     loss_sum = math.fsum(e for e, _ in per_chunk) if per_chunk else 0.0
     return loss_sum, sum(c for _, c in per_chunk), len(data)
-
-
-# ---------------------------------------------------------------- signals and test hooks
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag; ranks agree on it through the next step's Allreduce."""
-
-    def __init__(self):
-        self.flag = 0.0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):  # idempotent: a rank may get SIGTERM twice under mpirun
-        self.flag = 1.0
-
-
-def inject_fault(rank, step):
-    """Test hook: DPBP_FAULT="raise:RANK:STEP" or "kill:RANK:STEP"; DPBP_STEP_SLEEP=seconds."""
-    spec = os.environ.get("DPBP_FAULT")
-    if spec:
-        what, r, s = spec.split(":")
-        if int(r) == rank and int(s) == step:
-            if what == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if what == "nan":
-                raise FloatingPointError("injected")
-            raise RuntimeError(f"injected fault at step {step}")
-    sleep = os.environ.get("DPBP_STEP_SLEEP")
-    if sleep:
-        time.sleep(float(sleep))
 
 
 # ---------------------------------------------------------------- the command
@@ -209,10 +218,6 @@ def total_steps(cfg, n_train):
     return cfg["train.epochs"] * batches_per_epoch(n_train, cfg["data.batch_size"], cfg["data.drop_last"])
 
 
-def params_checksum(params):
-    return zlib.crc32(params.tobytes())
-
-
 def starting_params(cfg, init_path=None):
     """{name: float64 array}: the --init file's, else the seeded initialisation (the tutorial's weights
     for its 2-2-2 example). Shared with dpbp.verify."""
@@ -225,8 +230,28 @@ def starting_params(cfg, init_path=None):
                           "seed_example" if seed_example else "auto")
 
 
+def check_memory(cfg, n_train, size):
+    """UserError if one rank's buffers cannot fit in this machine's memory (a typo in model.sizes or
+    data.batch_size), rather than a MemoryError halfway through setting up."""
+    sizes, itemsize = cfg["model.sizes"], np.dtype(cfg["model.dtype"]).itemsize
+    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    rows = -(-min(cfg["data.batch_size"], n_train) // size)
+    if cfg["comm.reduce"] == "reproducible":
+        rows = min(rows, cfg["comm.chunk"])
+    need = 4 * n_params * 8 + 2 * rows * sum(sizes) * itemsize  # params, gradient, momentum, reduce buffers
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UserError(f"model.sizes = {sizes} with data.batch_size = {cfg['data.batch_size']} needs about "
+                        f"{need / 2**30:.3g} GiB per rank; this machine has {have / 2**30:.3g} GiB")
+
+
 def main(argv, comm):
     args = parse_args(build_parser(), argv, comm)
+    stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
+    faults = FaultInjector(comm.rank)
     expected = os.environ.get("DPBP_EXPECT_WORLD_SIZE")
     if expected and expected.isdigit() and int(expected) != comm.size:
         raise UserError(f"MPI world size is {comm.size} but {expected} ranks were expected "
@@ -237,11 +262,12 @@ def main(argv, comm):
         if not os.path.exists(config_path):
             config_path = None  # an empty run directory: start fresh there with the defaults
     cfg = load_config(config_path, args.set)
-    train_data, val_data = load_data(cfg)
+    train_data, val_data = load_data(cfg, comm)  # collective: ranks agree on bad data, scan it in shares
     idle_ranks = len(train_data) < comm.size
     if idle_ranks and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
                         f"every rank needs at least one")
+    check_memory(cfg, len(train_data), comm.size)
     init = starting_params(cfg, args.init)
 
     run_dir = choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
@@ -253,19 +279,21 @@ def main(argv, comm):
     resumed_from = None
     if args.resume:
         start, resumed_from = resume(args, cfg, comm, trainer)
+        if comm.rank == 0:
+            trim_metrics(run_dir, start)
     progress = Progress(comm, run_dir, quiet=args.quiet, verbose=args.verbose, resume=resumed_from is not None)
     if comm.rank == 0:
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
-    if not same_params(comm, model):
-        raise TrainingFault("ranks start from different parameters")
+    mismatch = replica_mismatch(comm, model.params)
+    if mismatch:
+        raise TrainingFault(f"ranks start from different parameters: {mismatch}")
 
     steps = total_steps(cfg, len(train_data))
     B, P = cfg["data.batch_size"], comm.size
     progress.start(cfg, model, train_data, val_data, steps, start, resumed_from)
     if idle_ranks:  # harmless (an empty share adds zeros) and how the one-sample seed demo runs on 4 ranks
         progress.warn(f"{len(train_data)} training samples for {comm.size} ranks: some ranks stay idle")
-    stop = StopRequest()
     t_start = time.perf_counter()
     t_last, comm_last, samples_last = t_start, 0.0, 0
     loss_acc = correct_acc = seen_acc = 0.0
@@ -274,7 +302,7 @@ def main(argv, comm):
     try:
         while step < steps:
             idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
-            inject_fault(comm.rank, step)
+            faults.before_step(step, trainer, idx)
             stats = trainer.step(idx, stop.flag)
             loss = trainer.loss_value(stats, len(idx))
             if not math.isfinite(loss) or not all_finite(model.grad):
@@ -287,11 +315,12 @@ def main(argv, comm):
             seen_acc += len(idx)
             samples_last += len(idx)
             progress.tick(step, len(idx))
-            every = cfg["train.check_replicas_every"]
-            if every and step % every == 0 and not same_params(comm, model):
-                raise TrainingFault(f"step {step}: ranks hold different parameters: {differing_ranks(comm, model)}")
+            ce, every = cfg["train.checkpoint_every"], cfg["train.check_replicas_every"]
+            checkpoint_due = (ce and step % ce == 0) or step == steps or stats[STOP] > 0
+            if every and (step % every == 0 or checkpoint_due):  # so no checkpoint holds a diverged replica
+                check_replicas(comm, model, step)
             if stats[STOP] > 0:
-                save_checkpoint(comm, trainer, cfg, run_dir, step, n)
+                save_checkpoint(comm, trainer, run_dir, step)
                 progress.say(f"stop requested by a signal: checkpoint at step {step} written to {run_dir}; "
                              f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)
                 progress.close()
@@ -310,9 +339,8 @@ def main(argv, comm):
             if val_data is not None and ((cfg["train.eval_every"] and step % cfg["train.eval_every"] == 0)
                                          or step == steps):
                 progress.record(eval_record(trainer, val_data, comm, step, epoch))
-            ce = cfg["train.checkpoint_every"]
-            if (ce and step % ce == 0) or step == steps:
-                save_checkpoint(comm, trainer, cfg, run_dir, step, n)
+            if checkpoint_due:
+                save_checkpoint(comm, trainer, run_dir, step)
     finally:
         progress.close()
     wall = time.perf_counter() - t_start
@@ -325,11 +353,15 @@ def main(argv, comm):
 
 
 def eval_record(trainer, data, comm, step, epoch):
-    loss_sum, correct, count = evaluate(trainer.model, data, comm)
-    cfg = trainer.cfg
-    rec = {"step": step, "epoch": epoch, "split": "val",
-           "loss": (loss_sum / count if cfg["loss.reduction"] == "mean" else loss_sum)
-           + l2_penalty(trainer.model.weights, cfg["loss.l2"])}
+    return {"step": step, "epoch": epoch, "split": "val", **held_out(trainer.model, trainer.cfg, data, comm)}
+
+
+def held_out(model, cfg, data, comm, confusion=None):
+    """{"loss", "accuracy" for labels} on data: the data term (/count for mean) + the l2 penalty, as
+    the training loss is reported. Collective (see evaluate); dpbp.evaluate prints the same figures."""
+    loss_sum, correct, count = evaluate(model, data, comm, confusion)
+    rec = {"loss": (loss_sum / count if cfg["loss.reduction"] == "mean" else loss_sum)
+           + l2_penalty(model.weights, cfg["loss.l2"])}
     if data.labels is not None:
         rec["accuracy"] = correct / count
     return rec
@@ -340,59 +372,137 @@ def all_finite(a):
     return math.isfinite(float(np.dot(a, a))) or bool(np.isfinite(a).all())
 
 
+def check_replicas(comm, model, step):
+    mismatch = replica_mismatch(comm, model.params)
+    if mismatch:
+        raise TrainingFault(f"replica check at step {step}: ranks hold different parameters: {mismatch}")
+
+
 def params_dict(model):
     return {name: v.copy() for name, v in model.tensors().items()}
 
 
-def same_params(comm, model):
-    return len(set(comm.allgather(params_checksum(model.params)))) == 1
+# ---------------------------------------------------------------- checkpoints and resume
+
+DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option holds
 
 
-def differing_ranks(comm, model):
-    sums = comm.allgather(params_checksum(model.params))
-    return ", ".join(f"rank {r} differs from rank 0" for r, s in enumerate(sums) if s != sums[0])
+def data_digest(data):
+    """SHA-256 (16 hex digits) of the training inputs and targets, computed once per run."""
+    if getattr(data, "_digest", None) is None:
+        h = hashlib.sha256()
+        data.update_hash(h)  # chunk by chunk: a data file is never held whole
+        data._digest = h.hexdigest()[:16]
+    return data._digest
 
 
-def save_checkpoint(comm, trainer, cfg, run_dir, step, n):
+def run_trajectory(cfg, data):
+    """Everything that decides the numbers a run computes: trajectory config keys and the data."""
+    return {**trajectory_items(cfg), DATA_KEY: data_digest(data)}
+
+
+def sampler_check(cfg, n, epoch):
+    """CRC-32 of the epoch's permutation: proves on resume that the sampler still draws the same order."""
+    return zlib.crc32(epoch_order(n, cfg["seed"], epoch, cfg["data.shuffle"]).astype(np.int64))
+
+
+def save_checkpoint(comm, trainer, run_dir, step):
+    """Rank 0: parameters, momentum and counters, atomically; the random state is (seed, epoch, position)
+    because the sampler is a pure function of them and there is no other randomness after step 0."""
     if comm.rank != 0:
         return
-    per_epoch = batches_per_epoch(n, cfg["data.batch_size"], cfg["data.drop_last"])
+    cfg, n = trainer.cfg, len(trainer.data)
+    epoch, position = divmod(step, batches_per_epoch(n, cfg["data.batch_size"], cfg["data.drop_last"]))
     arrays = params_dict(trainer.model)
     for name, value in trainer.opt.state().items():
         arrays[f"optim.{name}"] = value.copy()
-    meta = {"step": step, "epoch": step // per_epoch, "position_in_epoch": step % per_epoch,
-            "rng": {"sampler": "stateless: permutation from (seed, epoch)", "seed": cfg["seed"]},
-            "trajectory": trajectory_items(cfg), "config": to_toml(cfg), "world_size": comm.size,
-            "dpbp": __version__}
+    meta = {"step": step, "epoch": epoch, "position_in_epoch": position,
+            "rng": {"sampler": "permutation of the epoch from default_rng([seed, epoch])", "seed": cfg["seed"],
+                    "epoch_order_crc32": sampler_check(cfg, n, epoch)},
+            "trajectory": run_trajectory(cfg, trainer.data), "trajectory_hash": trajectory_hash(cfg),
+            "config": to_toml(cfg), "world_size": comm.size, "comm.reduce": cfg["comm.reduce"],
+            "dpbp": __version__, "numpy": np.__version__}
     ckpt.save(ckpt.checkpoint_path(run_dir, step), arrays, meta)
     ckpt.prune(run_dir, cfg["train.keep_checkpoints"])
 
 
+def warn(text):
+    print(f"dpbp.train: warning: {text}", file=sys.stderr, flush=True)
+
+
 def resume(args, cfg, comm, trainer):
-    """Rank 0 reads the newest valid checkpoint and broadcasts it; returns (step, path)."""
-    found, warnings = None, []
+    """Continue from the newest valid checkpoint in args.resume; returns (step, path), or (0, None)
+    when there is none yet (a fresh start there). Rank 0 reads and checks; every rank gets the result."""
+    found = error = None
     if comm.rank == 0:
-        found = ckpt.newest_valid(args.resume, warnings.append)
-        for w in warnings:
-            print(f"dpbp: warning: {w}", file=sys.stderr, flush=True)
-    found = comm.bcast(found)
+        try:
+            found = ckpt.newest_valid(args.resume, warn, max_bytes=16 * trainer.model.params.nbytes + (64 << 20))
+            if found is not None:
+                error = resume_problem(found, args.force, comm.size, trainer)
+        except UserError as e:
+            error = str(e)
+    found, error = comm.bcast((None if error else found, error))
+    if error:
+        raise UserError(error)
     if found is None:
         return 0, None
     arrays, meta, path = found
-    saved = meta.get("trajectory", {})
-    now = trajectory_items(cfg)
+    trainer.model.load({k: arrays[k] for k in trainer.model.names})
+    trainer.opt.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
+    return meta["step"], path
+
+
+def resume_problem(found, force, world_size, trainer):
+    """Rank 0: why this checkpoint cannot continue this run (None if it can); warns about the rest."""
+    arrays, meta, path = found
+    cfg, model = trainer.cfg, trainer.model
+    saved, now = meta.get("trajectory", {}), run_trajectory(cfg, trainer.data)
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if differing and not args.force:
-        detail = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differing)
-        raise UserError(f"cannot resume {path}: the config changes the trajectory ({detail}); "
-                        f"pass --force to resume anyway")
-    model = trainer.model
-    try:
-        model.load({k: arrays[k] for k in model.names})
-        trainer.opt.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: does not fit this model ({e})") from None
-    return int(meta["step"]), path
+    if not differing and meta.get("rng", {}).get("epoch_order_crc32") != sampler_check(
+            cfg, len(trainer.data), meta.get("epoch", 0)):
+        differing = ["sampler (the epoch's permutation; another numpy version?)"]
+    if differing:
+        detail = "; ".join(f"{k}: {saved.get(k, '?')!r} -> {now.get(k, '?')!r}" for k in differing)
+        if not force:
+            return (f"cannot resume from {path}: the config changes the trajectory ({detail}); "
+                    f"pass --force to resume anyway")
+        warn(f"--force: resuming from {path} although the trajectory changes ({detail})")
+    for name, shape in zip(model.names, model.shapes):
+        if name not in arrays or arrays[name].shape != tuple(shape):
+            got = arrays[name].shape if name in arrays else "nothing"
+            return f"{path}: does not fit this model: {name} is {got}, the model needs {tuple(shape)}"
+    velocity = trainer.opt.state().get("velocity")
+    if velocity is not None and arrays.get("optim.velocity", np.empty(0)).shape != velocity.shape:
+        if not force:
+            return f"{path}: holds no momentum for this model (optim.velocity); pass --force to start it at zero"
+        arrays["optim.velocity"] = np.zeros_like(velocity)
+    if meta.get("world_size") != world_size and cfg["comm.reduce"] == "fast":
+        warn(f"resuming a {meta.get('world_size')}-rank run on {world_size} ranks with comm.reduce = 'fast': "
+             f"results differ from an uninterrupted run by rounding; 'reproducible' makes them bitwise equal")
+    elif meta.get("comm.reduce", cfg["comm.reduce"]) != cfg["comm.reduce"]:
+        warn(f"comm.reduce was {meta.get('comm.reduce')!r} and is now {cfg['comm.reduce']!r}: results differ "
+             f"from an uninterrupted run by rounding")
+    return None
+
+
+def trim_metrics(run_dir, step):
+    """Rank 0: drop metrics.jsonl records past `step` (written after the checkpoint the run resumes from,
+    or cut short by a kill), so the file reads as one run."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,22 @@ def mpirun_exe():
     return here if os.path.exists(here) else "mpirun"
 
 
-def dpbp(module, *args, ranks=None, timeout=180, env=None, check=False, cwd=REPO):
-    """Run `python -m dpbp.<module> args` (under `mpirun -n ranks` if given); returns CompletedProcess."""
+def dpbp_command(module, *args, ranks=None, env=None):
+    """(argv, environment) that run `python -m dpbp.<module> args`, under `mpirun -n ranks` if given."""
     cmd = [sys.executable, "-m", f"dpbp.{module}", *map(str, args)]
     if ranks is not None:
         cmd = [mpirun_exe(), "-n", str(ranks), *cmd]
     full_env = dict(os.environ)
-    full_env.pop("DPBP_FAULT", None)
+    for hook in ("DPBP_FAULT", "DPBP_STEP_SLEEP"):
+        full_env.pop(hook, None)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
+    return cmd, full_env
+
+
+def dpbp(module, *args, ranks=None, timeout=180, env=None, check=False, cwd=REPO):
+    """Run `python -m dpbp.<module> args` (under `mpirun -n ranks` if given); returns CompletedProcess."""
+    cmd, full_env = dpbp_command(module, *args, ranks=ranks, env=env)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

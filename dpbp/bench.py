@@ -1,0 +1,459 @@
+"""python -m dpbp.bench: how fast dpbp's training step is, against the GEMM bound and PyTorch.
+
+A benchmark, not a test: it prints a table (and, with --json, one JSON object per row) and asserts
+nothing. Everything it reports comes from ONE run, with the repeats of every measurement interleaved
+(repeat 1 of every row, then repeat 2, ...) so that a noisy machine slows all rows alike; each row
+shows the median over repeats and the min-max.
+
+Rows, per model spec and ranks x BLAS threads:
+  dpbp          ``dpbp.train.Trainer.step``, the step ``python -m dpbp.train`` runs, built from a config
+                (--set overrides on the defaults, data from the built-in 'random' set)
+  GEMM bound    the same step's matrix products alone (x W^T, delta^T x, delta W per layer, on the
+                model's own buffers, same shapes and dtype); "of GEMM" = GEMM-bound time / step time
+  torch         the same model, batch, dtype, threads and SGD in PyTorch (--vs-torch; DDP over gloo
+                under mpirun); "vs torch" = torch step time / dpbp step time
+Under ``mpirun -n P`` also, per dpbp row: the time per step spent inside the gradient reduction's MPI
+calls during training (exposed, i.e. not overlapped with compute; it includes waiting for the slowest
+rank), the reducer's Allreduce timed alone between barriers, and a raw in-place MPI Allreduce of a
+buffer of the same size and dtype; plus a "rank 0 alone" row (the other ranks sleep) with as many
+threads as the machine has cores, the single-process alternative to compare P ranks x 1 thread with.
+
+Usage:
+  python -m dpbp.bench [--vs-torch] [--json] [--spec NAME ...] [--config FILE ...] [--set KEY=VALUE ...]
+  mpirun -n 2 python -m dpbp.bench --vs-torch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from dpbp.cli import ArgumentParser, parse_args, run
+from dpbp.comm import SerialComm
+from dpbp.config import load_config
+from dpbp.data import batch_indices, load_data
+from dpbp.errors import UserError
+from dpbp.model import initial_params
+from dpbp.train import Trainer
+
+_COMMON = ["data.val_fraction=0.0", "loss.l2=0.0", "train.steps=1"]
+SPECS = {  # name -> --set overrides on the defaults, and steps per timed block
+    "2-2-2": (["model.sizes=[2,2,2]", "model.activation='sigmoid'", "model.output='sigmoid'",
+               "loss.kind='squared_error'", "loss.reduction='sum'", "optim.lr=0.5", "optim.momentum=0.0",
+               "data.name='seed'", "data.batch_size=1"], 2000),
+    "64-128-64-10": (["model.sizes=[64,128,64,10]", "model.activation='sigmoid'", "model.output='sigmoid'",
+                      "loss.kind='squared_error'", "model.dtype='float64'", "data.name='random'",
+                      "data.batch_size=64", "optim.lr=0.1", "optim.momentum=0.9"], 300),
+    "784-1024-1024-10": (["model.sizes=[784,1024,1024,10]", "model.activation='relu'", "model.output='softmax'",
+                          "loss.kind='cross_entropy'", "model.dtype='float32'", "data.name='random'",
+                          "data.batch_size=256", "optim.lr=0.01", "optim.momentum=0.9"], 20),
+}
+LARGE = "784-1024-1024-10"
+
+
+# ---------------------------------------------------------------- rows
+
+
+class Row:
+    """One line of the table: a callable timed once per repeat, giving seconds per step."""
+
+    def __init__(self, spec, ranks, threads, variant, batch, steps):
+        self.spec, self.ranks, self.threads, self.variant = spec, ranks, threads, variant
+        self.batch, self.steps = batch, steps
+        self.step_s, self.extra = [], {}  # per repeat
+
+    def note(self, key, value):
+        self.extra.setdefault(key, []).append(value)
+
+    def summary(self):
+        med = statistics.median(self.step_s)
+        out = {"spec": self.spec, "ranks": self.ranks, "threads": self.threads, "variant": self.variant,
+               "batch": self.batch, "repeats": len(self.step_s),
+               "step_s": {"median": med, "min": min(self.step_s), "max": max(self.step_s)},
+               "samples_per_s": {"median": self.batch / med, "min": self.batch / max(self.step_s),
+                                 "max": self.batch / min(self.step_s)}}
+        for key, values in self.extra.items():
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        return out
+
+
+class DpbpRow(Row):
+    """Trainer.step on a fixed sequence of batches, from the same parameters every repeat."""
+
+    def __init__(self, spec, cfg, comm, threads, variant, steps, data):
+        super().__init__(spec, comm.size, threads, variant, cfg["data.batch_size"], steps)
+        self.comm, self.cfg = comm, cfg
+        self.trainer = Trainer(cfg, comm, data)
+        init = "seed_example" if cfg["model.sizes"] == [2, 2, 2] and cfg["data.name"] == "seed" else "auto"
+        self.initial = initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"], init)
+        self.batches = [batch_indices(len(data), self.batch, cfg["seed"], s, True, False)[0]
+                        for s in range(steps)]
+        self.exposed = 0.0
+        reducer = self.trainer.reducer
+        if hasattr(reducer, "grad_ready"):  # count the bucket starts inside backward as communication too
+            self._wrap_grad_ready(reducer)
+        self.raw = np.zeros_like(reducer.buf) if comm.size > 1 else None
+
+    def _wrap_grad_ready(self, reducer):
+        inner = reducer.grad_ready
+
+        def timed(offset):
+            t0 = time.perf_counter()
+            inner(offset)
+            self.exposed += time.perf_counter() - t0
+        reducer.grad_ready = timed
+
+    def run(self, record=True):
+        trainer = self.trainer
+        trainer.model.load(self.initial)
+        if trainer.opt.velocity is not None:
+            trainer.opt.velocity[:] = 0
+        self.comm.barrier()
+        comm0, self.exposed = trainer.comm_s, 0.0
+        t0 = time.perf_counter()
+        for idx in self.batches:
+            trainer.step(idx)
+        elapsed = time.perf_counter() - t0
+        if not record:
+            return
+        self.step_s.append(elapsed / self.steps)
+        if self.raw is not None:
+            self.note("exposed_comm_s", (trainer.comm_s - comm0 + self.exposed) / self.steps)
+            self.note("reducer_alone_s", self._alone(trainer.reducer.allreduce))
+            self.note("raw_allreduce_s", self._alone(lambda: self.comm.allreduce_sum_(self.raw)))
+
+    def _alone(self, reduce, n=5):
+        """Seconds per call of reduce(), started together on all ranks (barrier), so no rank waits for
+        a slower one's compute."""
+        times = []
+        for _ in range(n):
+            self.comm.barrier()
+            t0 = time.perf_counter()
+            reduce()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+class GemmRow(Row):
+    """The matrix products of a DpbpRow's step, alone, on that model's buffers."""
+
+    def __init__(self, of):
+        super().__init__(of.spec, of.ranks, of.threads, "GEMM bound", of.batch, of.steps)
+        model, pieces = of.trainer.model, of.trainer.reducer.pieces(of.batch)
+        self.products = []
+        for a, b in pieces:
+            outs, deltas = model.buffers(b - a)
+            for l in range(model.n_layers):  # forward: net = x W^T
+                self.products.append((outs[l], model.weights[l].T, outs[l + 1]))
+            for l in range(model.n_layers - 1, -1, -1):  # backward: delta^T x and delta W
+                self.products.append((deltas[l + 1].T, outs[l], model.nabla_w[l]))
+                if l > 0:
+                    self.products.append((deltas[l + 1], model.weights[l], deltas[l]))
+
+    def run(self, record=True):
+        products, matmul = self.products, np.matmul
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            for a, b, out in products:
+                matmul(a, b, out=out)
+        if record:
+            self.step_s.append((time.perf_counter() - t0) / self.steps)
+
+
+class SoloRow(Row):
+    """Under mpirun: rank 0 alone runs a one-process Trainer with `threads` BLAS threads while the other
+    ranks sleep (polling a non-blocking barrier every millisecond, so they leave the cores free)."""
+
+    def __init__(self, spec, cfg, comm, threads, steps, data):
+        super().__init__(spec, 1, threads, "dpbp, rank 0 alone", cfg["data.batch_size"], steps)
+        self.comm = comm
+        self.inner = DpbpRow(spec, cfg, SerialComm(), threads, "", steps, data) if comm.rank == 0 else None
+
+    def run(self, record=True):
+        self.comm.barrier()
+        if self.inner is not None:
+            self.inner.run(record)
+            if record:
+                self.step_s.append(self.inner.step_s[-1])
+        request = self.comm.ibarrier()
+        while not request.Test():
+            time.sleep(0.001)
+
+
+class TorchRow(Row):
+    """The same model in PyTorch: Linear layers, the same activations, loss, batches and SGD."""
+
+    def __init__(self, of, torch):
+        super().__init__(of.spec, of.ranks, of.threads, "torch", of.batch, of.steps)
+        self.torch, self.comm = torch, of.comm
+        cfg, nn = of.cfg, torch.nn
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg["model.dtype"]]
+        act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}
+        sizes = cfg["model.sizes"]
+        layers = []
+        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(n_in, n_out, dtype=self.dtype))
+            if k < len(sizes) - 2:
+                layers.append(act[cfg["model.activation"]]())
+        net = nn.Sequential(*layers)
+        with torch.no_grad():
+            for k, linear in enumerate(layers[0::2]):
+                linear.weight.copy_(torch.from_numpy(of.initial[f"layers.{k}.weight"]))
+                linear.bias.copy_(torch.from_numpy(of.initial[f"layers.{k}.bias"]))
+        self.initial = {k: v.clone() for k, v in net.state_dict().items()}
+        if of.comm.size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net)
+        self.net = net
+        self.opt = torch.optim.SGD(net.parameters(), lr=cfg["optim.lr"], momentum=cfg["optim.momentum"])
+        data = of.trainer.data
+        self.x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=cfg["model.dtype"]))
+        self.kind, self.output = cfg["loss.kind"], cfg["model.output"]
+        self.mean = cfg["loss.reduction"] == "mean"
+        if self.kind == "cross_entropy" and self.output == "softmax":
+            self.y = torch.from_numpy(data.labels)
+        else:
+            self.y = torch.from_numpy(np.ascontiguousarray(data.t, dtype=cfg["model.dtype"]))
+        pieces = [of.trainer.reducer.pieces(len(idx)) for idx in of.batches]
+        self.batches = [torch.from_numpy(idx[p[0][0]:p[0][1]]) for idx, p in zip(of.batches, pieces) if p]
+
+    def loss(self, z, y):
+        F = self.torch.nn.functional
+        reduction = "mean" if self.mean else "sum"
+        if self.kind == "cross_entropy":
+            if self.output == "softmax":
+                return F.cross_entropy(z, y, reduction=reduction)
+            return F.binary_cross_entropy_with_logits(z, y, reduction=reduction)
+        out = {"sigmoid": self.torch.sigmoid, "identity": lambda a: a,
+               "softmax": lambda a: self.torch.softmax(a, dim=1)}[self.output](z)
+        E = 0.5 * ((out - y) ** 2).sum()
+        return E / len(y) if self.mean else E
+
+    def run(self, record=True):
+        torch = self.torch
+        torch.set_num_threads(self.threads)
+        module = getattr(self.net, "module", self.net)
+        module.load_state_dict(self.initial)
+        self.opt.state.clear()
+        self.comm.barrier()
+        t0 = time.perf_counter()
+        for rows in self.batches:
+            self.opt.zero_grad(set_to_none=False)
+            self.loss(self.net(self.x[rows]), self.y[rows]).backward()
+            self.opt.step()
+        if record:
+            self.step_s.append((time.perf_counter() - t0) / self.steps)
+
+
+# ---------------------------------------------------------------- building the run
+
+
+def build_parser():
+    p = ArgumentParser(prog="python -m dpbp.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--spec", action="append", default=[], choices=sorted(SPECS),
+                   help="built-in model spec to run (default: all three)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="also benchmark the model of this config (data.name 'random' is used if it names a file)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
+    p.add_argument("--threads", default=None,
+                   help="BLAS threads per rank, comma-separated (default: 1,2 alone; cores/P under mpirun)")
+    p.add_argument("--repeats", type=int, default=6, help="interleaved repeats (default 6)")
+    p.add_argument("--scale-steps", type=float, default=1.0, help="multiply the steps per timed block")
+    p.add_argument("--bucket-mb", type=float, default=4.0,
+                   help="under mpirun, also time comm.bucket_mb=this overlap (0: skip; default 4)")
+    p.add_argument("--no-reproducible", action="store_true", help="skip the comm.reduce='reproducible' row")
+    p.add_argument("--vs-torch", action="store_true", help="add PyTorch rows if torch is importable")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
+    return p
+
+
+def specs_to_run(args):
+    """[(name, make_cfg, steps)]: make_cfg(extra --set list) -> the spec's config with them applied."""
+    names = args.spec or ([] if args.config else list(SPECS))
+    out = []
+    for name in names:
+        sets, steps = SPECS[name]
+        out.append((name, lambda extra, sets=sets: load_config(None, _COMMON + sets + args.set + extra), steps))
+    for path in args.config:
+        cfg = load_config(path, _COMMON + args.set)
+        sets = _COMMON + args.set + (["data.path=''", "data.name='random'"] if cfg["data.path"] else [])
+        sizes = cfg["model.sizes"]
+        flops = sum(a * b for a, b in zip(sizes, sizes[1:])) * cfg["data.batch_size"]
+        out.append(("-".join(map(str, sizes)), lambda extra, path=path, sets=sets: load_config(path, sets + extra),
+                    max(5, min(2000, int(2e8 / max(flops, 1))))))
+    return [(n, make, max(1, int(s * args.scale_steps))) for n, make, s in out]
+
+
+def thread_counts(args, comm):
+    if args.threads:
+        try:
+            counts = [int(t) for t in args.threads.split(",")]
+        except ValueError:
+            raise UserError(f"--threads {args.threads!r}: expected numbers like 1,2") from None
+        if not counts or min(counts) < 1:
+            raise UserError(f"--threads {args.threads!r}: every count must be >= 1")
+        return counts
+    cores = os.cpu_count() or 1
+    return sorted({1, cores}) if comm.size == 1 else [max(1, cores // comm.size)]
+
+
+def build_rows(args, comm, torch):
+    rows = []
+    cores = os.cpu_count() or 1
+    for name, make_cfg, steps in specs_to_run(args):
+        cfg = make_cfg([])
+        data, _ = load_data(cfg)
+        variants = [("dpbp", [])]
+        if comm.size > 1 and args.bucket_mb > 0:
+            variants.append((f"dpbp, buckets {args.bucket_mb:g} MB", [f"comm.bucket_mb={args.bucket_mb}"]))
+        if name == LARGE and not args.no_reproducible:
+            variants.append(("dpbp, reproducible", ["comm.reduce='reproducible'"]))
+        for threads in thread_counts(args, comm):
+            for variant, sets in variants:
+                row = DpbpRow(name, make_cfg(sets), comm, threads, variant, steps, data)
+                rows.append(row)
+                if variant == "dpbp":
+                    rows.append(GemmRow(row))
+                    if torch is not None and cfg["data.batch_size"] >= comm.size:  # DDP needs rows on every rank
+                        rows.append(TorchRow(row, torch))
+        if comm.size > 1:
+            rows.append(SoloRow(name, cfg, comm, cores, steps, data))
+    return rows
+
+
+def import_torch(comm):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if comm.size > 1:
+        import socket
+        import torch.distributed as dist
+        port = None
+        if comm.rank == 0:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        port = comm.bcast(port)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+                                world_size=comm.size)
+    return torch
+
+
+# ---------------------------------------------------------------- output
+
+
+def machine_lines(comm, torch):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = "BLAS unknown (threadpoolctl missing)"
+    try:
+        from threadpoolctl import threadpool_info
+        for pool in threadpool_info():
+            if pool.get("user_api") == "blas":
+                blas = (f"{pool.get('internal_api')} {pool.get('version')} kernel {pool.get('architecture')} "
+                        f"({pool.get('threading_layer')})")
+    except ImportError:
+        pass
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ)
+    return [f"machine: {cpu}, {os.cpu_count()} cores | python {platform.python_version()}, numpy {np.__version__}, "
+            f"{blas}{' | ' + env if env else ''}",
+            f"MPI: {comm.library}, {comm.size} rank(s)"
+            + (f" | torch {torch.__version__}" if torch is not None else " | torch: not importable")]
+
+
+def fmt_rate(s):
+    m = s["samples_per_s"]
+    return f"{m['median']:,.0f} ({m['min']:,.0f}-{m['max']:,.0f})"
+
+
+def fmt_time(seconds):
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
+
+def relate(summaries):
+    """Add 'of_gemm' and 'vs_torch' to the dpbp rows (ratios of medians within spec, ranks, threads)."""
+    by = {}
+    for s in summaries:
+        by.setdefault((s["spec"], s["ranks"], s["threads"]), {})[s["variant"]] = s["step_s"]["median"]
+    for s in summaries:
+        group = by[(s["spec"], s["ranks"], s["threads"])]
+        if s["variant"].startswith("dpbp"):
+            if "GEMM bound" in group:
+                s["of_gemm"] = group["GEMM bound"] / s["step_s"]["median"]
+            if "torch" in group:
+                s["vs_torch"] = group["torch"] / s["step_s"]["median"]
+        if s["variant"] == "dpbp" and s["ranks"] > 1:
+            solo = by.get((s["spec"], 1, os.cpu_count() or 1), {}).get("dpbp, rank 0 alone")
+            if solo:
+                s["vs_rank0_alone"] = solo / s["step_s"]["median"]
+    return summaries
+
+
+def table(summaries):
+    head = ["spec", "PxT", "variant", "samples/s median (min-max)", "step", "of GEMM", "vs torch",
+            "vs 1 proc", "exposed comm", "reducer alone", "raw Allreduce"]
+    lines = []
+    for s in summaries:
+        ms = lambda key: fmt_time(s[key]["median"]) if key in s else ""  # noqa: E731
+        lines.append([s["spec"], f"{s['ranks']}x{s['threads']}", s["variant"], fmt_rate(s),
+                      fmt_time(s["step_s"]["median"]),
+                      f"{100 * s['of_gemm']:.0f}%" if "of_gemm" in s else "",
+                      f"{s['vs_torch']:.2f}x" if "vs_torch" in s else "",
+                      f"{100 * s['vs_rank0_alone']:.0f}%" if "vs_rank0_alone" in s else "",
+                      ms("exposed_comm_s"), ms("reducer_alone_s"), ms("raw_allreduce_s")])
+    widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv, comm):
+    args = parse_args(build_parser(), argv, comm)
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise UserError("the benchmark needs threadpoolctl to set BLAS threads: pip install threadpoolctl") from None
+    torch = import_torch(comm) if args.vs_torch else None
+    rows = build_rows(args, comm, torch)
+    say = (lambda *a: print(*a, flush=True)) if comm.rank == 0 else (lambda *a: None)
+    if not args.json:
+        for line in machine_lines(comm, torch):
+            say(line)
+        if args.vs_torch and torch is None:
+            say("(--vs-torch: torch is not importable; its rows are left out)")
+        say(f"{len(rows)} rows x {args.repeats} interleaved repeats ...")
+    for repeat in range(args.repeats + 1):  # repeat 0 warms up (buffers, BLAS threads, caches)
+        for row in rows:
+            with threadpool_limits(limits=row.threads, user_api="blas"):
+                row.run(record=repeat > 0)
+    summaries = relate([row.summary() for row in rows if row.step_s])
+    rss = comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if args.json:
+        for s in summaries:
+            say(json.dumps(s))
+        say(json.dumps({"peak_rss_mb_per_rank": rss}))
+    else:
+        for line in table(summaries):
+            say(line)
+        say("peak RSS of this benchmark process per rank (all rows together): "
+            + ", ".join(f"{r:.0f} MB" for r in rss))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="dpbp.bench"))

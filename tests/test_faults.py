@@ -1,0 +1,198 @@
+"""No hangs, one message: faults injected on one rank of `mpirun -n 4` (DPBP_FAULT), signals, bad input.
+
+Every job runs under a hard limit (Job.finish kills it and fails the test); pytest-timeout guards the
+test itself. Exit statuses checked here are what mpich's mpirun (hydra) returns: the ranks' common
+status when they all exit alike, the MPI_Abort code after an abort, and 9 when a rank was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+
+from dpbp.checkpoint import list_checkpoints, load
+from dpbp.errors import EXIT_CRASH, EXIT_FAULT, EXIT_PREEMPTED, EXIT_USAGE
+from tests.jobs import Job, assert_bitwise_equal, error_lines, small, wait_for_step
+
+P = 4
+LIMIT_S = 30  # the issue's bound for the whole job to end after a fault
+
+
+@pytest.mark.timeout(90)
+def test_exception_on_one_rank_ends_the_job_with_one_message(tmp_path):
+    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "raise:2:5"})
+    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    assert rc == EXIT_CRASH, (rc, err)
+    assert seconds < LIMIT_S, seconds
+    mine = error_lines(err)
+    assert mine == ["dpbp.train: rank 2: error: RuntimeError: injected fault at step 5"], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.timeout(90)
+def test_error_meant_to_be_uniform_on_one_rank_alone_still_ends_the_job(tmp_path):
+    """A UserError is expected on every rank at once; if only rank 3 meets it, the others are waiting in a
+    collective: rank 3 gives up waiting for them, says so with its rank, and aborts the job."""
+    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "usererror:3:5"})
+    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    assert rc == EXIT_USAGE, (rc, err)
+    assert seconds < LIMIT_S, seconds
+    assert error_lines(err) == ["dpbp.train: rank 3: error: injected error at step 5"], err
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_of_one_rank_ends_the_job(tmp_path):
+    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "kill:1:5"})
+    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    assert rc == 9, (rc, err)  # hydra reports the signal number of the killed rank
+    assert seconds < LIMIT_S, seconds
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad, named", [
+    (["--set", "optim.lr=-1"], "optim.lr"),
+    (["--set", "data.path='/nonexistent/train.npz'"], "/nonexistent/train.npz"),
+    (["--set", "model.sizez=[2,3]"], "model.sizez"),
+    (["--set", "model.sizes=[2,100000000000,2]"], "GiB"),
+])
+def test_config_and_data_errors_are_printed_once(tmp_path, bad, named):
+    job = Job(*small(10), *bad, "--out", tmp_path / "r", ranks=P)
+    rc, out, err, seconds = job.finish(timeout=60)
+    assert rc == EXIT_USAGE, (rc, err)
+    lines = error_lines(err)
+    assert len(lines) == 1 and named in lines[0] and not re.search(r"ranks? \d", lines[0]), err
+    assert "Traceback" not in err and "Abort" not in err
+    assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")  # found before training started
+
+
+@pytest.mark.timeout(90)
+def test_pickled_init_file_is_refused_once_and_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    np.savez(tmp_path / "evil.npz", **{"layers.0.weight": np.array([Boom(str(marker))], dtype=object)})
+    job = Job(*small(10), "--init", tmp_path / "evil.npz", "--out", tmp_path / "r", ranks=P)
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == EXIT_USAGE
+    lines = error_lines(err)
+    assert len(lines) == 1 and "refusing to unpickle" in lines[0], err
+    assert not marker.exists()
+
+
+class Boom:
+    """Unpickling this would create a file: proof that nothing was unpickled if the file is absent."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.timeout(90)
+def test_nan_gradient_stops_naming_step_and_tensor_and_keeps_last_good_checkpoint(tmp_path):
+    out_dir = tmp_path / "r"
+    job = Job(*small(40, "--set", "train.checkpoint_every=5"), "--out", out_dir, ranks=P,
+              env={"DPBP_FAULT": "nan:1:12"})  # rank 1's sample in (0-based) step 12 becomes NaN
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == EXIT_FAULT, (rc, err)
+    lines = error_lines(err)
+    assert len(lines) == 1 and "non-finite" in lines[0] and "step 13" in lines[0], err
+    assert "layers.0.weight" in lines[0]  # the first parameter tensor, in buffer order
+    newest = list_checkpoints(out_dir)[0]
+    assert newest.endswith("ckpt-00000010.npz")
+    arrays, meta = load(newest)
+    assert meta["step"] == 10 and all(np.isfinite(a).all() for a in arrays.values())
+    assert not os.path.exists(out_dir / "final.npz")
+
+
+@pytest.mark.timeout(90)
+def test_divergence_without_injection_is_a_fault(tmp_path):
+    """A linear model with a huge learning rate overflows for real: the run stops with EXIT_FAULT."""
+    job = Job(*small(200, "--set", "model.activation='identity'", "--set", "model.output='identity'",
+                     "--set", "loss.kind='squared_error'", "--set", "optim.lr=50.0"),
+              "--out", tmp_path / "r", ranks=2)
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == EXIT_FAULT, (rc, err)
+    lines = error_lines(err)
+    assert len(lines) == 1 and "non-finite values at step" in lines[0], err
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("odd_rank", [3, 0])
+def test_replica_divergence_names_the_rank(tmp_path, odd_rank):
+    out_dir = tmp_path / "r"
+    job = Job(*small(40, "--set", "train.check_replicas_every=5", "--set", "train.checkpoint_every=5"),
+              "--out", out_dir, ranks=P, env={"DPBP_FAULT": f"perturb:{odd_rank}:7"})
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == EXIT_FAULT, (rc, err)
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert f"replica check at step 10" in lines[0] and f"rank {odd_rank} differs" in lines[0], err
+    assert list_checkpoints(out_dir)[0].endswith("ckpt-00000005.npz")  # no checkpoint of the bad state
+
+
+STEPS = 120
+SLOW = {"DPBP_STEP_SLEEP": "0.03"}  # ~4 s of training: a window to aim a signal at
+REPRO = ["--set", "comm.reduce='reproducible'", "--set", "comm.chunk=16"]  # 2 chunks: ranks 2, 3 idle
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs that preempted-and-resumed runs must match bit for bit: fast mode on 4 ranks,
+    and reproducible mode in one process (it is the same on any number of ranks)."""
+    runs = {}
+    for mode, extra, ranks, env in [("fast", [], P, None), ("reproducible", REPRO, None, {"DPBP_SERIAL": "1"})]:
+        out_dir = tmp_path_factory.mktemp(mode)
+        rc, out, err, _ = Job(*small(STEPS, *extra), "--out", out_dir, ranks=ranks, env=env).finish(timeout=120)
+        assert rc == 0, err
+        runs[mode] = out_dir / "final.npz"
+    return runs
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig, rank, twice, mode, resume_ranks", [
+    (signal.SIGTERM, 2, True, "fast", P),
+    (signal.SIGUSR1, 0, False, "fast", P),
+    (signal.SIGTERM, 3, False, "reproducible", 2),  # rank 3 computes no chunk, yet its flag counts
+])
+def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_bitwise(tmp_path, reference, sig, rank, twice,
+                                                                     mode, resume_ranks):
+    out_dir = tmp_path / "r"
+    extra = REPRO if mode == "reproducible" else []
+    job = Job(*small(STEPS, "--set", "train.log_every=1", *extra), "--out", out_dir, ranks=P, env=SLOW)
+    try:
+        pids = job.rank_pids(P)
+        wait_for_step(out_dir, 10, job)
+        os.kill(pids[rank], sig)
+        if twice:  # what a rank sees when both Slurm and mpirun forward the signal
+            os.kill(pids[rank], sig)
+        rc, out, err, _ = job.finish(timeout=60)
+    finally:
+        job.kill()
+    assert rc == EXIT_PREEMPTED, (rc, out, err)
+    assert out.count("stop requested by a signal") == 1, out
+    ckpts = list_checkpoints(out_dir)
+    assert ckpts and not os.path.exists(out_dir / "final.npz")
+    stopped_at = load(ckpts[0])[1]["step"]
+    assert 10 <= stopped_at < STEPS
+    rc, out, err, _ = Job("--resume", out_dir, "--quiet", ranks=resume_ranks).finish(timeout=120)
+    assert rc == 0, err
+    assert_bitwise_equal(out_dir / "final.npz", reference[mode])
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_mpirun_reaches_every_rank_and_exits_75(tmp_path):
+    out_dir = tmp_path / "r"
+    job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir, ranks=P, env=SLOW)
+    try:
+        job.rank_pids(P)
+        wait_for_step(out_dir, 5, job)
+        job.proc.send_signal(signal.SIGTERM)
+        rc, out, err, _ = job.finish(timeout=60)
+    finally:
+        job.kill()
+    assert rc == EXIT_PREEMPTED, (rc, out, err)
+    assert list_checkpoints(out_dir)

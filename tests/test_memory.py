@@ -1,0 +1,187 @@
+"""The training step's fast path: no allocation proportional to the model after the first step, and the
+in-place formulas it uses compute what the textbook ones do.
+
+tracemalloc sees NumPy's array buffers. What a step may still allocate is small and independent of the
+model: NumPy's ufunc iteration buffer (8192 elements, for the broadcast bias add), the loss's (B, n_out)
+float64 temporaries and a few B-sized vectors. The bound is far below the smallest model-sized array.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from dpbp.comm import SerialComm
+from dpbp.config import load_config
+from dpbp.data import batch_indices, load_data
+from dpbp.layers import ACTIVATIONS
+from dpbp.losses import finish_gradient
+from dpbp.model import MLP, initial_params
+from dpbp.optim import SGD
+from dpbp.train import Trainer
+
+BOUND = 128 * 1024  # bytes a step may allocate at its peak
+BATCH, HIDDEN = 128, 1024
+
+
+def make_trainer(*sets):
+    cfg = load_config(None, [f"model.sizes=[32,{HIDDEN},{HIDDEN},10]", "data.name='random'",
+                             f"data.batch_size={BATCH}", "data.val_fraction=0.0", *sets])
+    data, _ = load_data(cfg)
+    trainer = Trainer(cfg, SerialComm(), data)
+    trainer.model.load(initial_params(cfg["model.sizes"], cfg["model.activation"], 0))
+    return trainer, data
+
+
+def peak_bytes(fn):
+    """Peak of traced memory above the starting point while fn() runs."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+VARIANTS = [
+    ["model.activation='relu'", "model.dtype='float32'", "loss.l2=0.0"],  # the benchmark's kind of net
+    ["model.activation='tanh'", "model.dtype='float64'", "loss.l2=1e-3"],  # the defaults, with l2
+    ["model.activation='sigmoid'", "model.output='sigmoid'", "loss.kind='squared_error'",
+     "loss.reduction='sum'", "optim.momentum=0.0", "model.dtype='float32'"],
+    ["model.activation='identity'", "model.output='softmax'", "loss.kind='squared_error'"],  # softmax J^T
+    ["model.activation='relu'", "model.dtype='float32'", "comm.bucket_mb=0.5"],  # bucketed reduction
+]
+
+
+@pytest.mark.parametrize("sets", VARIANTS, ids=lambda s: ",".join(x.split("=")[1].strip("'") for x in s))
+def test_steps_after_the_first_allocate_less_than_a_small_bound(sets):
+    trainer, data = make_trainer(*sets)
+    model = trainer.model
+    smallest_model_array = min(BATCH * HIDDEN, HIDDEN * HIDDEN) * model.dtype.itemsize
+    assert smallest_model_array >= 4 * BOUND  # so any activation- or gradient-sized temporary shows
+
+    batches = [batch_indices(len(data), BATCH, 0, s, True, False)[0] for s in range(4)]
+    batches.append(batches[0][:BATCH - 28])  # a smaller (last) batch reuses the same buffers
+    trainer.step(batches[0])  # the first step allocates the workspace
+
+    def steps():
+        for idx in batches[1:]:
+            trainer.step(idx)
+    assert peak_bytes(steps) <= BOUND
+
+
+def test_the_bound_catches_a_temporary_the_size_of_an_activation():
+    """The measurement itself: a step that makes one activation-sized temporary exceeds the bound."""
+    trainer, data = make_trainer("model.activation='relu'", "model.dtype='float32'")
+    idx = batch_indices(len(data), BATCH, 0, 0, True, False)[0]
+    trainer.step(idx)
+    relu_prime = ACTIVATIONS["relu"][1]
+
+    def masked_relu_prime(delta, out, scratch):  # the obvious version: allocates a (B, n) mask
+        delta[out <= 0.0] = 0.0
+        return delta
+    trainer.model.f_prime_times = [masked_relu_prime] * (trainer.model.n_layers - 1)
+    assert peak_bytes(lambda: trainer.step(idx)) > BOUND
+    trainer.model.f_prime_times = [relu_prime] * (trainer.model.n_layers - 1)
+    assert peak_bytes(lambda: trainer.step(idx)) <= BOUND
+
+
+# ---------------------------------------------------------------- the in-place formulas
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "identity"])
+def test_activation_derivative_times_delta_matches_finite_differences(name):
+    f, f_prime_times = ACTIVATIONS[name]
+    rng = np.random.default_rng(1)
+    net = rng.normal(size=(5, 7))
+    net[np.abs(net) < 1e-3] = 0.5  # keep relu's kink away from the finite difference
+    delta = rng.normal(size=(5, 7))
+    out = f(net, np.empty_like(net))
+    h = 1e-6
+    numeric = (f(net + h, np.empty_like(net)) - f(net - h, np.empty_like(net))) / (2 * h)
+    got = f_prime_times(delta.copy(), out, np.empty_like(net))
+    np.testing.assert_allclose(got, delta * numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_softmax_jacobian_times_delta_matches_the_explicit_jacobian():
+    f, jacobian_times = ACTIVATIONS["softmax"]
+    rng = np.random.default_rng(2)
+    net, delta = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    out = f(net, np.empty_like(net))
+    expected = np.stack([(np.diag(o) - np.outer(o, o)).T @ d for o, d in zip(out, delta)])
+    np.testing.assert_allclose(jacobian_times(delta.copy(), out, np.empty_like(net)), expected, rtol=1e-12,
+                               atol=1e-15)
+
+
+def test_backward_scale_gives_the_gradient_of_the_scaled_error_and_the_unscaled_error():
+    sizes = [3, 5, 4]
+    x = np.random.default_rng(3).normal(size=(6, 3))
+    t = np.eye(4)[[0, 1, 2, 3, 0, 1]]
+    plain, scaled = (MLP(sizes, "tanh", "softmax", "cross_entropy") for _ in range(2))
+    for m in (plain, scaled):
+        m.load(initial_params(sizes, "tanh", 0))
+        m.forward(x)
+    E = plain.backward(t)
+    assert scaled.backward(t, scale=1 / 6) == pytest.approx(E, rel=1e-15)
+    np.testing.assert_allclose(scaled.grad, plain.grad / 6, rtol=1e-13, atol=1e-16)
+
+
+def test_backward_reports_each_layer_once_last_first_with_its_gradient_final():
+    sizes = [3, 5, 4, 2]
+    m = MLP(sizes, "tanh", "softmax", "cross_entropy")
+    m.load(initial_params(sizes, "tanh", 0))
+    x, t = np.ones((2, 3)), np.eye(2)
+    m.forward(x)
+    m.backward(t)
+    final = m.grad.copy()
+    m.grad[:] = np.nan
+    seen = []
+
+    def ready(l):
+        seen.append(l)
+        np.testing.assert_array_equal(m.nabla_w[l], final_views[2 * l])
+        np.testing.assert_array_equal(m.nabla_b[l], final_views[2 * l + 1])
+    final_views = list(m.tensors(final).values())
+    m.forward(x)
+    m.backward(t, ready=ready)
+    assert seen == [2, 1, 0]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_step_is_the_momentum_formula(momentum):
+    rng = np.random.default_rng(4)
+    w0, g1, g2 = rng.normal(size=(3, 10))
+    params = w0.copy()
+    opt = SGD(params, lr=0.1, momentum=momentum)
+    opt.step(g1)
+    opt.step(g2)
+    v1 = g1
+    v2 = momentum * v1 + g2
+    np.testing.assert_allclose(params, w0 - 0.1 * v1 - 0.1 * v2, rtol=1e-14)
+
+
+def test_l2_with_a_scratch_buffer_equals_the_plain_formula():
+    rng = np.random.default_rng(5)
+    weights = [rng.normal(size=(4, 3)), rng.normal(size=(2, 4))]
+    grads = [rng.normal(size=w.shape) for w in weights]
+    biases = [np.zeros(4), np.zeros(2)]
+    got = [g.copy() for g in grads]
+    finish_gradient(got, [b.copy() for b in biases], weights, 0.01, 1, np.empty(12))
+    for g_got, g, W in zip(got, grads, weights):
+        np.testing.assert_array_equal(g_got, g + 0.01 * W)
+
+
+def test_bucketed_and_plain_steps_give_identical_parameters():
+    """One rank: the buckets only cut the same reduction into slices; nothing numeric changes."""
+    params = []
+    for bucket in (0.0, 0.5):
+        trainer, data = make_trainer("model.activation='relu'", "model.dtype='float32'",
+                                     f"comm.bucket_mb={bucket}")
+        for s in range(3):
+            trainer.step(batch_indices(len(data), BATCH, 0, s, True, False)[0])
+        params.append(trainer.model.params.copy())
+    np.testing.assert_array_equal(params[0], params[1])
