@@ -1,0 +1,113 @@
+"""python -m dpbp.evaluate: loss, accuracy and confusion matrix of trained parameters on a data set.
+
+    python -m dpbp.evaluate --params runs/digits-X/final.npz              # the run's held-out set
+    mpirun -n 4 python -m dpbp.evaluate --params RUN/ckpt-00000200.npz --data t10k-images-idx3-ubyte.gz \\
+        --set data.targets=t10k-labels-idx1-ubyte.gz
+
+--config defaults to the config.toml that training wrote next to the parameters. --data evaluates a
+whole file in any format dpbp reads (data.targets, data.val_* and data.val_fraction are cleared for it;
+set them again with --set). Each rank evaluates its share of fixed chunks of the data set and the
+figures are combined as in training (``train.evaluate``), so they do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from dpbp import checkpoint as ckpt
+from dpbp.cli import ArgumentParser, agree, parse_args, run, say
+from dpbp.config import load_config
+from dpbp.data import load_data
+from dpbp.errors import UserError
+from dpbp.model import MLP, param_names, param_shapes
+from dpbp.train import held_out
+
+
+def add_run_arguments(p, data_help):
+    """The arguments evaluate and predict share."""
+    p.add_argument("--params", required=True, metavar="PARAMS.npz",
+                   help="trained parameters: a run's final.npz or one of its checkpoints")
+    p.add_argument("--config", help="the run's config (default: config.toml next to --params)")
+    p.add_argument("--data", metavar="FILE", help=data_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set data.targets=labels.npy")
+
+
+def data_overrides(path):
+    """--data FILE: that file alone, whole, with no targets or held-out set inherited from training."""
+    if not path:
+        return []
+    return [f"data.path={json.dumps(path)}", "data.targets=''", "data.val_path=''", "data.val_targets=''",
+            "data.val_fraction=0.0"]
+
+
+def load_run(args, comm):
+    """(cfg, model with the parameters loaded); the same UserError on every rank if anything is wrong."""
+    error = cfg = model = None
+    try:
+        cfg, model = _load_run(args)
+    except UserError as e:
+        error = str(e)
+    agree(comm, error)
+    return cfg, model
+
+
+def _load_run(args):
+    config = args.config or os.path.join(os.path.dirname(os.path.abspath(args.params)), "config.toml")
+    if not args.config and not os.path.exists(config):
+        raise UserError(f"no --config given and no config.toml next to {args.params}; pass the run's config "
+                        f"with --config")
+    cfg = load_config(config, data_overrides(args.data) + args.set)
+    sizes = cfg["model.sizes"]
+    params = ckpt.load_params(args.params, param_names(len(sizes) - 1), param_shapes(sizes))
+    model = MLP(sizes, cfg["model.activation"], cfg["model.output"], cfg["loss.kind"], cfg["model.dtype"])
+    model.load(params)
+    return cfg, model
+
+
+def build_parser():
+    p = ArgumentParser(prog="python -m dpbp.evaluate",
+                       description="Loss, accuracy and confusion matrix of trained parameters on a data set "
+                                   "(alone or under mpirun).")
+    add_run_arguments(p, "a data file in any format dpbp reads (default: the run's held-out set)")
+    return p
+
+
+def confusion_lines(confusion):
+    """Rows: true class; columns: predicted class."""
+    k = len(confusion)
+    width = max(5, len(str(int(confusion.max(initial=0)))) + 1, len(str(k - 1)) + 1)
+    lines = ["confusion matrix (rows: true class, columns: predicted class)",
+             "true\\pred" + "".join(f"{c:>{width}}" for c in range(k))]
+    for c in range(k):
+        lines.append(f"{c:>9}" + "".join(f"{v:>{width}}" for v in confusion[c]))
+    return lines
+
+
+def main(argv, comm):
+    args = parse_args(build_parser(), argv, comm)
+    cfg, model = load_run(args, comm)
+    train, val = load_data(cfg, comm)
+    data = train if args.data else val
+    if data is None:
+        raise UserError("the run has no held-out set (data.val_fraction = 0 and no data.val_path); "
+                        "name a data file with --data")
+    confusion = None if data.labels is None else np.zeros((cfg["model.sizes"][-1],) * 2, np.int64)
+    rec = held_out(model, cfg, data, comm, confusion)
+    part = "" if args.data or cfg["data.val_path"] else "the held-out part of "
+    lines = [f"evaluated {args.params} on {part}{data.source}: {len(data)} samples",
+             f"loss {rec['loss']:.6g} ({cfg['loss.kind']}, {cfg['loss.reduction']} over samples, plus the l2 "
+             f"penalty: the figure training logs as val_loss)"]
+    if confusion is not None:
+        lines.append(f"accuracy {rec['accuracy']:.4f} ({int(np.trace(confusion))} of {len(data)})")
+        lines += confusion_lines(confusion)
+    say(comm, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="dpbp.evaluate"))

@@ -1,0 +1,99 @@
+"""python -m dpbp.predict: the network's outputs for every row of a data file, written as CSV.
+
+    python -m dpbp.predict --params runs/digits-X/final.npz --data new.npy --out predictions.csv
+    mpirun -n 4 python -m dpbp.predict --params RUN/final.npz --data t10k-images-idx3-ubyte.gz --out p.csv
+
+Columns: row (in the file, from 0), then for a softmax or sigmoid output with 2+ units the predicted
+class (argmax) and p0..p{K-1}; otherwise the outputs y0..y{K-1}. Targets are not needed and not read.
+Each rank computes its share of every block of rows; rank 0 gathers the block and writes it, so memory
+stays bounded by the block size whatever the size of the file. Same arguments as dpbp.evaluate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from dpbp.cli import ArgumentParser, agree, parse_args, run, say
+from dpbp.data import load_data
+from dpbp.errors import UserError
+from dpbp.evaluate import add_run_arguments, load_run
+from dpbp.reduce import share
+
+BLOCK = 4096  # rows per rank per gathered block
+
+
+def build_parser():
+    p = ArgumentParser(prog="python -m dpbp.predict",
+                       description="Write the network's predictions for a data file as CSV "
+                                   "(alone or under mpirun).")
+    add_run_arguments(p, "the data file to predict for, in any format dpbp reads")
+    p.add_argument("--out", required=True, metavar="FILE.csv", help="where rank 0 writes the predictions")
+    return p
+
+
+def header(model):
+    k = model.sizes[-1]
+    if model.output in ("softmax", "sigmoid") and k >= 2:
+        return ["row", "predicted"] + [f"p{c}" for c in range(k)]
+    return ["row"] + [f"y{c}" for c in range(k)]
+
+
+def predict_blocks(model, data, comm, emit):
+    """Collective: outputs for all rows, block by block; rank 0 gets emit(first row, (rows, K) outputs)."""
+    n, P = len(data), comm.size
+    for start in range(0, n, BLOCK * P):
+        stop = min(start + BLOCK * P, n)
+        a, b = share(stop - start, comm.rank, P)
+        out = (model.forward(data.x[start + a:start + b]).copy() if b > a
+               else np.empty((0, model.sizes[-1]), model.dtype))
+        parts = comm.allgather(out)
+        if comm.rank == 0:
+            emit(start, np.concatenate(parts))
+
+
+def open_output(path, comm):
+    """Rank 0 opens a temporary file beside `path`; every rank learns whether that worked."""
+    f, error = None, None
+    if comm.rank == 0:
+        try:
+            f = open(path + ".tmp", "w", newline="")
+        except OSError as e:
+            error = f"--out {path!r}: cannot write there ({e.strerror})"
+    agree(comm, error)
+    return f
+
+
+def main(argv, comm):
+    args = parse_args(build_parser(), argv, comm)
+    if not args.data:
+        raise UserError("python -m dpbp.predict: --data FILE is required (see --help)")
+    cfg, model = load_run(args, comm)
+    data, _ = load_data(cfg, comm, need_targets=False)
+    f = open_output(args.out, comm)
+    columns = header(model)
+    digits = 9 if model.dtype == np.float32 else 17  # enough to read every output back exactly
+    fmt = ["%d"] * (len(columns) - model.sizes[-1]) + [f"%.{digits}g"] * model.sizes[-1]
+
+    def emit(start, out):
+        rows = np.arange(start, start + len(out))[:, None]
+        lead = [rows, out.argmax(axis=1)[:, None]] if "predicted" in columns else [rows]
+        np.savetxt(f, np.hstack(lead + [out.astype(np.float64)]), fmt=fmt, delimiter=",")
+
+    try:
+        if f is not None:
+            f.write(",".join(columns) + "\n")
+        predict_blocks(model, data, comm, emit)
+    finally:
+        if f is not None:
+            f.close()
+    if comm.rank == 0:
+        os.replace(args.out + ".tmp", args.out)
+    say(comm, f"wrote predictions for {len(data)} rows of {data.source} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="dpbp.predict"))

@@ -1,0 +1,96 @@
+"""Under mpirun (any P): data files are read rank-locally and checked in shares.
+
+I/O is measured by the kernel (/proc/self/io rchar: bytes this process read through system calls),
+not by dpbp, and compared with the rows each rank is entitled to: its share of the value scan, then
+its share of each global batch. Expectations are computed from comm.size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpbp.comm import get_comm
+from dpbp.config import load_config
+from dpbp.data import batch_indices, load_data
+from dpbp.errors import UserError
+from dpbp.model import initial_params
+from dpbp.reduce import share
+from dpbp.train import Trainer
+
+N, WIDTH = 256, 8192  # 64 KiB rows: no two rows of a batch are close enough to be read together
+
+
+def rchar():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def shared_dir(comm, tmp_path):
+    """Rank 0's temporary directory, for files every rank reads."""
+    return comm.bcast(str(tmp_path))
+
+
+def write_files(comm, folder, x, y):
+    if comm.rank == 0:
+        np.save(os.path.join(folder, "x.npy"), x)
+        np.save(os.path.join(folder, "y.npy"), y)
+    comm.barrier()
+    return [f"data.path={json.dumps(os.path.join(folder, 'x.npy'))}",
+            f"data.targets={json.dumps(os.path.join(folder, 'y.npy'))}"]
+
+
+@pytest.mark.mpi
+def test_each_rank_reads_its_share_of_the_scan_and_of_every_batch(tmp_path):
+    comm = get_comm()
+    folder = shared_dir(comm, tmp_path)
+    rng = np.random.default_rng(0)
+    x = rng.random((N, WIDTH))
+    y = rng.integers(0, 2, N)
+    paths = write_files(comm, folder, x, y)
+    row_bytes = WIDTH * 8
+    cfg = load_config(None, paths + [f"model.sizes=[{WIDTH},4,2]", "data.val_fraction=0", "data.batch_size=32"])
+
+    before = rchar()
+    train, _ = load_data(cfg, comm)
+    scan = rchar() - before
+    lo, hi = share(N, comm.rank, comm.size)
+    # Its share of the NaN scan plus headers and the labels file (2 KiB) - and not one row more.
+    assert (hi - lo) * row_bytes <= scan <= (hi - lo) * row_bytes + 32 * 1024, (comm.rank, scan)
+
+    trainer = Trainer(cfg, comm, train)
+    trainer.model.load(initial_params(cfg["model.sizes"], "tanh", 0))
+    mine = 0
+    before = rchar()
+    for step in range(4):
+        idx, _ = batch_indices(N, 32, 0, step, True, False)
+        a, b = share(len(idx), comm.rank, comm.size)
+        mine += b - a
+        trainer.step(idx)
+    steps = rchar() - before
+    labels_bytes = os.path.getsize(os.path.join(folder, "y.npy"))
+    assert mine * row_bytes <= steps <= mine * row_bytes + 4 * labels_bytes, (comm.rank, steps)
+    assert sum(comm.allgather(mine)) == 4 * 32  # together the ranks read each batch once
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_bad_value_in_any_ranks_share_stops_every_rank_alike(tmp_path, where):
+    comm = get_comm()
+    folder = shared_dir(comm, tmp_path)
+    n = 10 * comm.size + 3
+    x = np.random.default_rng(1).random((n, 4))
+    y = np.zeros(n, np.int64)
+    bad_row = 1 if where == "first" else n - 2  # in rank 0's share, or in the last rank's
+    x[bad_row, 3] = np.inf
+    y[bad_row - 1] = 5  # a bad label too: inputs are reported first, whatever the ranks saw
+    paths = write_files(comm, folder, x, y)
+    cfg = load_config(None, paths + ["model.sizes=[4,3]"])
+    with pytest.raises(UserError) as e:
+        load_data(cfg, comm)
+    message = str(e.value)
+    assert f"inputs hold NaN or inf, first in row {bad_row}" in message
+    assert all(m == message for m in comm.allgather(message))
