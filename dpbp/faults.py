@@ -5,9 +5,10 @@ flag; the flag rides the next step's gradient Allreduce as a summed statistic, s
 the same step boundary that some rank was asked to stop, with no extra collective. Rank 0 then writes a
 checkpoint and every rank exits with EXIT_PREEMPTED.
 
-Replica check: every ``train.check_replicas_every`` steps the ranks allgather a CRC-32 of their flat
-parameter buffer (one pass over the parameters plus one tiny allgather; ~1 ms for 10^6 float64
-parameters) and a mismatch names the ranks that differ from the majority.
+Replica check: every ``train.check_replicas_every`` steps, and before every checkpoint, the ranks
+allgather a CRC-32 of their flat parameter buffer (one pass over the parameters, ~5 ms per 10^6 float64
+parameters at 1.5 GB/s, plus one allgather of an int) and a mismatch names the ranks that differ from
+the majority.
 
 Fault injection, for tests only: DPBP_FAULT="WHAT:RANK:STEP[,WHAT:RANK:STEP...]" acts on rank RANK just
 before global step STEP (counting from 0) is computed:

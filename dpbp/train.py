@@ -319,7 +319,7 @@ def main(argv, comm):
             checkpoint_due = (ce and step % ce == 0) or step == steps or stats[STOP] > 0
             if every and (step % every == 0 or checkpoint_due):  # so no checkpoint holds a diverged replica
                 check_replicas(comm, model, step)
-            if stats[STOP] > 0:
+            if stats[STOP] > 0 and step < steps:  # at the last step, finishing is quicker than a requeue
                 save_checkpoint(comm, trainer, run_dir, step)
                 progress.say(f"stop requested by a signal: checkpoint at step {step} written to {run_dir}; "
                              f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpbp.checkpoint import list_checkpoints, load
-from dpbp.errors import EXIT_CRASH, EXIT_FAULT, EXIT_PREEMPTED, EXIT_USAGE
+from dpbp.errors import EXIT_CRASH, EXIT_FAULT, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE
 from tests.jobs import Job, assert_bitwise_equal, error_lines, small, wait_for_step
 
 P = 4
@@ -121,17 +121,22 @@ def test_divergence_without_injection_is_a_fault(tmp_path):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("odd_rank", [3, 0])
-def test_replica_divergence_names_the_rank(tmp_path, odd_rank):
+@pytest.mark.parametrize("odd_rank, check_every, checkpoint_every", [
+    (3, 5, 0),  # found by the periodic check
+    (0, 100, 5),  # found by the check before each checkpoint
+])
+def test_replica_divergence_names_the_rank(tmp_path, odd_rank, check_every, checkpoint_every):
     out_dir = tmp_path / "r"
-    job = Job(*small(40, "--set", "train.check_replicas_every=5", "--set", "train.checkpoint_every=5"),
+    job = Job(*small(40, "--set", f"train.check_replicas_every={check_every}",
+                     "--set", f"train.checkpoint_every={checkpoint_every}"),
               "--out", out_dir, ranks=P, env={"DPBP_FAULT": f"perturb:{odd_rank}:7"})
     rc, out, err, _ = job.finish(timeout=60)
     assert rc == EXIT_FAULT, (rc, err)
     lines = error_lines(err)
     assert len(lines) == 1, err
-    assert f"replica check at step 10" in lines[0] and f"rank {odd_rank} differs" in lines[0], err
-    assert list_checkpoints(out_dir)[0].endswith("ckpt-00000005.npz")  # no checkpoint of the bad state
+    assert "replica check at step 10" in lines[0] and f"rank {odd_rank} differs" in lines[0], err
+    assert [os.path.basename(p) for p in list_checkpoints(out_dir)] == (
+        ["ckpt-00000005.npz"] if checkpoint_every else [])  # no checkpoint of the diverged state
 
 
 STEPS = 120
@@ -196,3 +201,38 @@ def test_sigterm_to_mpirun_reaches_every_rank_and_exits_75(tmp_path):
         job.kill()
     assert rc == EXIT_PREEMPTED, (rc, out, err)
     assert list_checkpoints(out_dir)
+
+
+@pytest.mark.timeout(90)
+def test_stop_flag_rides_the_bucketed_allreduce_too(tmp_path):
+    """comm.bucket_mb overlaps the gradient's Allreduce with backward: the flag must still reach all."""
+    out_dir = tmp_path / "r"
+    job = Job(*small(40, "--set", "comm.bucket_mb=0.001"), "--out", out_dir, ranks=P,
+              env={"DPBP_FAULT": "term:3:20"})
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == EXIT_PREEMPTED, (rc, out, err)
+    assert [os.path.basename(p) for p in list_checkpoints(out_dir)] == ["ckpt-00000021.npz"]
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_to_mpirun_stops_every_rank_with_one_message(tmp_path):
+    out_dir = tmp_path / "r"
+    job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir, ranks=P, env=SLOW)
+    try:
+        job.rank_pids(P)
+        wait_for_step(out_dir, 5, job)
+        job.proc.send_signal(signal.SIGINT)
+        rc, out, err, seconds = job.finish(timeout=60)
+    finally:
+        job.kill()
+    assert rc == EXIT_INTERRUPTED, (rc, err)
+    assert error_lines(err) == ["dpbp.train: stopped: interrupted"], err
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path):
+    out_dir = tmp_path / "r"
+    job = Job(*small(20), "--out", out_dir, env={"DPBP_SERIAL": "1", "DPBP_FAULT": "term:0:19"})
+    rc, out, err, _ = job.finish(timeout=60)
+    assert rc == 0, (rc, err)
+    assert os.path.exists(out_dir / "final.npz") and "stop requested" not in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -39,14 +40,29 @@ def killed_run(tmp_path, name, ranks, *extra):
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def fast4(tmp_path_factory):
+    """(uninterrupted 4-rank run, 4-rank run killed at step KILL_AT), shared; tests resume copies."""
+    base = tmp_path_factory.mktemp("fast4")
+    run(*small(STEPS, *CKPT), "--out", base / "whole", ranks=4)
+    return base / "whole", killed_run(base, "cut", 4)
+
+
+def copy_of(run_dir, tmp_path):
+    return shutil.copytree(run_dir, tmp_path / "resumed")
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_fast_kill_and_resume_on_the_same_ranks_is_bitwise(tmp_path, ranks):
-    run(*small(STEPS, *CKPT), "--out", tmp_path / "whole", ranks=ranks)
-    out_dir = killed_run(tmp_path, "cut", ranks)
+def test_fast_kill_and_resume_on_the_same_ranks_is_bitwise(tmp_path, fast4, ranks):
+    if ranks == 4:
+        whole, out_dir = fast4[0], copy_of(fast4[1], tmp_path)
+    else:
+        run(*small(STEPS, *CKPT), "--out", tmp_path / "whole", ranks=ranks)
+        whole, out_dir = tmp_path / "whole", killed_run(tmp_path, "cut", ranks)
     out, err = run("--resume", out_dir, ranks=ranks)
     assert "resum" in out and "warning" not in err, (out, err)
-    assert_bitwise_equal(out_dir / "final.npz", tmp_path / "whole/final.npz")
+    assert_bitwise_equal(out_dir / "final.npz", whole / "final.npz")
     # metrics.jsonl reads as one run: the records after step 30 that the killed job wrote are replaced
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "split" not in r] == list(range(5, STEPS + 1, 5)), records
@@ -63,12 +79,11 @@ def test_reproducible_kill_on_4_ranks_resume_on_2_is_bitwise_the_3_rank_and_seri
 
 
 @pytest.mark.timeout(240)
-def test_fast_resume_on_other_ranks_differs_only_by_rounding(tmp_path):
-    run(*small(STEPS, *CKPT), "--out", tmp_path / "whole", ranks=4)
-    out_dir = killed_run(tmp_path, "cut", 4)
+def test_fast_resume_on_other_ranks_differs_only_by_rounding(tmp_path, fast4):
+    out_dir = copy_of(fast4[1], tmp_path)
     out, err = run("--resume", out_dir, ranks=2)
     assert "rounding" in err and "'reproducible'" in err, err  # the user is told what to expect
-    a, b = load_params(out_dir / "final.npz"), load_params(tmp_path / "whole/final.npz")
+    a, b = load_params(out_dir / "final.npz"), load_params(fast4[0] / "final.npz")
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12, err_msg=k)
 
