@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -136,8 +137,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job may start again after ~10 s instead of 120 s
-AuthInfo=socket={self.munge_socket},cred_expire=10
+# cred_expire=5 + sched_interval=1: a requeued job starts again after ~6 s, not 120 s
+AuthInfo=socket={self.munge_socket},cred_expire=5
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid
@@ -158,8 +159,12 @@ EnforcePartLimits=ALL
 ReturnToService=2
 # this VM may have fewer cores than the 4 CPUs the tests ask for
 SlurmdParameters=config_overrides
-SchedulerParameters=sched_interval=5,bf_interval=5
+SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
+# Job ids must not repeat across test sessions: MPICH names its shared-memory segment after
+# the PMI job (srun --mpi=pmi2: the job and step id) and a stale /dev/shm/mpich_shm_* left by
+# an earlier killed job with the same id makes the new ranks segfault or hang in MPI_Init.
+FirstJobId={random.randrange(1_000_000, 60_000_000)}
 KillWait=30
 MinJobAge=600
 MailProg=/bin/true
@@ -249,9 +254,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         p = self.run(["squeue", "-h", "-o", "%i", f"--states={states}"])
         return p.stdout.split()
 
-    def sbatch(self, args: list[str], cwd: Path, env: dict | None = None) -> str:
+    def sbatch(self, args: list[str], cwd: Path, env: dict | None = None,
+               timeout: float = 90) -> str:
+        """Submit; returns the job id (with --wait in args: after the job ended)."""
         e = dict(self.env, **(env or {}))
-        p = self.run(["sbatch", "--parsable", *args], cwd=cwd, env=e, check=True)
+        p = self.run(["sbatch", "--parsable", *args], cwd=cwd, env=e, check=True,
+                     timeout=timeout)
         return p.stdout.strip().split(";")[0]
 
     def job_info(self, job_id: str) -> dict[str, str]:
