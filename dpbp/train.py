@@ -206,6 +206,13 @@ def choose_run_dir(args, comm):
             run_dir, k = base, 1
             while os.path.exists(run_dir):
                 run_dir, k = f"{base}-{k}", k + 1
+        if error is None:
+            try:  # here, so that an unusable directory is one clear message rather than a crash later
+                os.makedirs(run_dir, exist_ok=True)
+                if not os.access(run_dir, os.W_OK):
+                    error = f"output directory {run_dir!r} is not writable"
+            except OSError as e:
+                error = f"cannot use {run_dir!r} as the output directory: {e.strerror or e}"
     error, run_dir = comm.bcast((error, run_dir))
     if error:
         raise UserError(error)
@@ -294,6 +301,11 @@ def main(argv, comm):
     progress.start(cfg, model, train_data, val_data, steps, start, resumed_from)
     if idle_ranks:  # harmless (an empty share adds zeros) and how the one-sample seed demo runs on 4 ranks
         progress.warn(f"{len(train_data)} training samples for {comm.size} ranks: some ranks stay idle")
+    n_chunks = -(-min(B, len(train_data)) // cfg["comm.chunk"])
+    if cfg["comm.reduce"] == "reproducible" and n_chunks < P and not idle_ranks:
+        progress.warn(f"comm.reduce = 'reproducible' cuts each batch into {n_chunks} chunk(s) of comm.chunk = "
+                      f"{cfg['comm.chunk']} samples and never splits a chunk: {P - n_chunks} of {P} ranks stay idle"
+                      + (f" (comm.chunk <= {B // P} would use them all)" if B >= P else ""))
     t_start = time.perf_counter()
     t_last, comm_last, samples_last = t_start, 0.0, 0
     loss_acc = correct_acc = seen_acc = 0.0

@@ -92,16 +92,18 @@ def environ_of(pid):
 
 
 def wait_for_step(run_dir, step, job, timeout=60):
-    """Block until metrics.jsonl records `step` (needs train.log_every=1); fail if the job ends first."""
+    """Block until metrics.jsonl records `step` (needs train.log_every=1); fail if the job ends first.
+    Returns the time (monotonic) at which the record was seen."""
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        ended = job.proc.poll() is not None  # before reading: a record written before the end is seen
         if os.path.exists(path):
             with open(path) as f:
                 steps = [json.loads(line).get("step", 0) for line in f if line.endswith("\n")]
             if steps and max(steps) >= step:
-                return
-        if job.proc.poll() is not None:
+                return time.monotonic()
+        if ended:
             raise AssertionError(f"the job ended before step {step}: {job.proc.communicate()}")
         time.sleep(0.02)
     raise AssertionError(f"no step {step} in {path} after {timeout} s")

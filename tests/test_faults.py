@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -22,14 +23,24 @@ P = 4
 LIMIT_S = 30  # the issue's bound for the whole job to end after a fault
 
 
+def faulted(tmp_path, fault):
+    """Run a 4-rank job with DPBP_FAULT=fault (at step 5); (status, stderr, seconds from step 5 to the end)."""
+    out_dir = tmp_path / "r"
+    job = Job(*small(40, "--set", "train.log_every=1"), "--out", out_dir, ranks=P, env={"DPBP_FAULT": fault})
+    try:
+        at_fault = wait_for_step(out_dir, 5, job)  # rank 0 logs step 5 just before the faulty step 6
+        rc, out, err, _ = job.finish(timeout=LIMIT_S + 30)
+    finally:
+        job.kill()
+    return rc, err, time.monotonic() - at_fault
+
+
 @pytest.mark.timeout(90)
 def test_exception_on_one_rank_ends_the_job_with_one_message(tmp_path):
-    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "raise:2:5"})
-    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    rc, err, seconds = faulted(tmp_path, "raise:2:5")
     assert rc == EXIT_CRASH, (rc, err)
     assert seconds < LIMIT_S, seconds
-    mine = error_lines(err)
-    assert mine == ["dpbp.train: rank 2: error: RuntimeError: injected fault at step 5"], err
+    assert error_lines(err) == ["dpbp.train: rank 2: error: RuntimeError: injected fault at step 5"], err
     assert "Traceback" not in err
 
 
@@ -37,8 +48,7 @@ def test_exception_on_one_rank_ends_the_job_with_one_message(tmp_path):
 def test_error_meant_to_be_uniform_on_one_rank_alone_still_ends_the_job(tmp_path):
     """A UserError is expected on every rank at once; if only rank 3 meets it, the others are waiting in a
     collective: rank 3 gives up waiting for them, says so with its rank, and aborts the job."""
-    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "usererror:3:5"})
-    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    rc, err, seconds = faulted(tmp_path, "usererror:3:5")
     assert rc == EXIT_USAGE, (rc, err)
     assert seconds < LIMIT_S, seconds
     assert error_lines(err) == ["dpbp.train: rank 3: error: injected error at step 5"], err
@@ -46,8 +56,7 @@ def test_error_meant_to_be_uniform_on_one_rank_alone_still_ends_the_job(tmp_path
 
 @pytest.mark.timeout(90)
 def test_sigkill_of_one_rank_ends_the_job(tmp_path):
-    job = Job(*small(40), "--out", tmp_path / "r", ranks=P, env={"DPBP_FAULT": "kill:1:5"})
-    rc, out, err, seconds = job.finish(timeout=LIMIT_S + 30)
+    rc, err, seconds = faulted(tmp_path, "kill:1:5")
     assert rc == 9, (rc, err)  # hydra reports the signal number of the killed rank
     assert seconds < LIMIT_S, seconds
 
@@ -58,6 +67,7 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path):
     (["--set", "data.path='/nonexistent/train.npz'"], "/nonexistent/train.npz"),
     (["--set", "model.sizez=[2,3]"], "model.sizez"),
     (["--set", "model.sizes=[2,100000000000,2]"], "GiB"),
+    (["--resume", "/dev/null"], "'/dev/null' as the output directory"),
 ])
 def test_config_and_data_errors_are_printed_once(tmp_path, bad, named):
     job = Job(*small(10), *bad, "--out", tmp_path / "r", ranks=P)
