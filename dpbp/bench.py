@@ -221,7 +221,7 @@ class TorchRow(Row):
         else:
             self.y = torch.from_numpy(np.ascontiguousarray(data.t, dtype=cfg["model.dtype"]))
         pieces = [of.trainer.reducer.pieces(len(idx)) for idx in of.batches]
-        self.batches = [torch.from_numpy(idx[p[0][0]:p[0][1]]) for idx, p in zip(of.batches, pieces) if p]
+        self.batches = [torch.from_numpy(idx[p[0][0]:p[0][1]].copy()) for idx, p in zip(of.batches, pieces) if p]
 
     def loss(self, z, y):
         F = self.torch.nn.functional
