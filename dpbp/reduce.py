@@ -16,29 +16,33 @@ reproducible
        position in the batch, whatever P is; each rank computes whole chunks (a contiguous run of them),
        each with identically shaped operations, so chunk c's gradient g_c is bitwise the same on any rank.
     2. One grid per tensor. m_t = max over all chunks and entries of |g_c| for tensor t (one small
-       Allreduce-MAX), 2^(E_t - 1) <= m_t < 2^E_t, and the unit u_t = 2^(E_t - p + 2) with p the dtype's
-       significand bits (24 float32, 53 float64); so |g_c / u_t| < 2^(p-2).
+       Allreduce-MAX), 2^(E_t - 1) <= m_t < 2^E_t, and the unit u_t = 2^(E_t - p + 2 + s) with p the dtype's
+       significand bits (24 float32, 53 float64) and s = max(0, ceil(log2 N) - (w - p)) (0 up to 256 chunks
+       in float32, 2048 in float64); so |g_c / u_t| < 2^(p-2-s).
     3. Round and add as integers. With M_t = 3 * 2^(p-2) u_t, T = fl(g_c + M_t) lies in [2^(p-1) u_t, 2^p u_t],
        where floats are spaced u_t: T = M_t + q u_t with q = round(g_c / u_t), and T's bit pattern, read
        as an unsigned integer of the dtype's width w (32 / 64), is bits(M_t) + q. Those patterns are summed
        as unsigned integers, locally and then by MPI's SUM: integer addition modulo 2^w is associative
-       and commutative, so the sum is the same in every order and on every rank. Subtracting
-       N * bits(M_t) leaves Q = sum_c q_c exactly (|Q| <= N 2^(p-2) < 2^(w-1) while N <= 2^(w-p): 256 chunks
-       in float32, 2048 in float64; beyond that u_t is coarsened by the missing powers of two).
-       The result is Q u_t, rounded once to the dtype. Counts and flags are exact integers and are summed
-       as integers directly. One pass adds M, one adds the integers; the Allreduce moves as many bytes
-       as "fast".
+       and commutative, so the sum is the same in every order and on every rank. Each rank starts from
+       minus its chunks' share of bits(M_t), so the global sum is Q = sum_c q_c exactly
+       (|Q| <= N 2^(p-2-s) <= 2^(w-2): no overflow). The result is Q u_t, rounded once to the dtype.
+       Counts and flags are exact integers and are summed as integers directly. The Allreduce moves as
+       many bytes as "fast".
 
     Error bound, per entry of tensor t, against the exact sum of the chunk gradients:
-        |result - sum_c g_c| <= N u_t / 2 + ulp(result) / 2 <= N 2^(2-p) m_t + ulp(result) / 2,
+        |result - sum_c g_c| <= N u_t / 2 + ulp(result) / 2 <= N 2^(2-p+s) m_t + ulp(result) / 2,
     i.e. N * 4.4e-16 m_t in float64 and N * 2.4e-7 m_t in float32 (m_t: the tensor's largest chunk entry):
-    each chunk gradient is rounded to a multiple of 4 ulp(m_t) before the exact sum.
-    The chunk gradients themselves carry the usual float rounding of forward/backward, as in "fast".
-    A non-finite chunk makes its tensor NaN on every rank (training then stops with a fault naming it).
+    each chunk gradient is rounded to a multiple of 4 ulp(m_t) before the exact sum. The plain float sum
+    of "fast" has a bound of the same order ((P - 1) eps sum_r |partial_r|). The chunk gradients themselves
+    carry the usual rounding of forward/backward, as in "fast". A non-finite chunk makes its tensor NaN on
+    every rank (training then stops with a fault naming it).
+    What must match for identical bits: config, seed, comm.chunk, BLAS library/kernel and thread count
+    (a chunk's matrix products must round the same on every rank), not the number of ranks.
 
     Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk), keeps
     all but its last chunk's gradient (a copy each), reads each chunk for its max, adds M and adds the
-    integers, then makes 2 passes over the result; P > N leaves ranks idle. Measured in README.md.
+    integers, then converts the result back (about 6 passes over the gradient with one chunk per rank);
+    P > N leaves ranks idle. Measured against "fast" in README.md (section "Verify").
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ class ReproducibleReducer:
         for lo, hi in self.groups:
             covered[lo:hi] = True
         self._exact = np.flatnonzero(~covered)
+        # Every group's max and min in one reduceat call each: cut the buffer at every group boundary.
+        cuts = sorted({b for lo, hi in self.groups for b in (lo, hi)} - {n_buf})
+        self._cuts, self._firsts = np.array(cuts, np.intp), [cuts.index(lo) for lo, _ in self.groups]
         self._exact_sum = np.zeros(len(self._exact), np.int64)
         self._max = np.zeros(len(self.groups))
         self._kept = np.zeros((0, n_buf), self.buf.dtype)  # this rank's chunks but the last (that stays in buf)
@@ -168,16 +175,17 @@ class ReproducibleReducer:
     def add_piece(self, index):
         """Note chunk `index`'s largest entries and counts; keep its gradient until the grid is known."""
         g = self.buf
-        for k, (lo, hi) in enumerate(self.groups):
-            m = float(max(g[lo:hi].max(), -g[lo:hi].min()))
-            self._max[k] = max(self._max[k], m if m == m else math.inf)  # NaN -> inf: MPI MAX keeps it
+        if self.groups:
+            largest = np.maximum.reduceat(g, self._cuts)[self._firsts]
+            smallest = np.minimum.reduceat(g, self._cuts)[self._firsts]
+            np.maximum(self._max, np.maximum(largest, -smallest), out=self._max)  # NaN stays NaN
         self._take_exact()
         if index < self._n_local - 1:
             np.copyto(self._kept[index], g)
 
     def allreduce(self):
         self._take_exact()  # what the caller wrote after the last piece (the stop flag), once per rank
-        m = self.comm.allreduce_max_(self._max.copy())
+        m = self.comm.allreduce_max_(np.nan_to_num(self._max, nan=math.inf))  # MPI's MAX may drop NaN
         units = [self._unit_exponent(mt) for mt in m]
         magic = [None if e is None else self._magic(e) for e in units]
         acc, buf = self._acc, self.buf

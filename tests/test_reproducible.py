@@ -185,8 +185,10 @@ def test_training_outputs_are_byte_identical_for_1_to_4_ranks(run_cli, tmp_path,
     args = [*CASES[case], *COMMON, "--set", "comm.reduce='reproducible'"]
     outputs = {}
     for P in (1, 2, 3, 4):
-        run_cli("train", *args, "--out", tmp_path / f"p{P}", ranks=P, check=True)
+        proc = run_cli("train", *args, "--out", tmp_path / f"p{P}", ranks=P, check=True)
         outputs[P] = _run_dir_outputs(tmp_path / f"p{P}")
+        idle = case == "xor-idle-ranks" and P > 2  # 2 chunks: said once, by rank 0
+        assert proc.stderr.count(f"{P - 2} of {P} ranks stay idle") == (1 if idle else 0), proc.stderr
     assert {"final.npz", "ckpt-00000025.npz", "ckpt-00000050.npz", "metrics"} <= set(outputs[1])
     assert any(r.get("split") == "val" for r in outputs[1]["metrics"]) or case == "xor-idle-ranks"
     for P in (2, 3, 4):
@@ -209,3 +211,12 @@ def test_fast_and_reproducible_agree_to_rounding(run_cli, tmp_path):
                     expected = np.frombuffer(raw, dtype).reshape(shape)
                     scale = np.max(np.abs(expected))
                     assert np.max(np.abs(f[name] - expected)) <= 1e-10 * scale, (P, name)
+
+
+def test_resuming_on_another_rank_count_continues_the_same_bits(run_cli, tmp_path):
+    """25 steps on 2 ranks, then resumed on 3 ranks up to 50: the same bytes as 50 steps in one process."""
+    args = [*CASES["spirals-float64"], *COMMON, "--set", "comm.reduce='reproducible'"]
+    run_cli("train", *args, "--out", tmp_path / "one", check=True)
+    run_cli("train", *args, "--set", "train.steps=25", "--out", tmp_path / "split", ranks=2, check=True)
+    run_cli("train", *args, "--resume", tmp_path / "split", ranks=3, check=True)
+    assert _run_dir_outputs(tmp_path / "split")["final.npz"] == _run_dir_outputs(tmp_path / "one")["final.npz"]
