@@ -113,7 +113,8 @@ def summary(run):
     rows["samples/s"] = f"{samples / seconds:.0f}" if seconds > 0 else "-"
     rows["Allreduce share of step time"] = f"{100 * comm / seconds:.1f}%" if seconds > 0 else "-"
     rows["final training loss"] = f"{last['loss']:.6g}" if last else "-"
-    rows["final training accuracy"] = f"{last['accuracy']:.4f}" if last and "accuracy" in last else "-"
+    if last and "accuracy" in last:
+        rows["final training accuracy"] = f"{last['accuracy']:.4f}"
     if run.val:
         rows["final held-out loss"] = f"{run.val[-1]['loss']:.6g}"
         if "accuracy" in run.val[-1]:
