@@ -34,6 +34,7 @@
 # directory), DPBP_RUN_DIR, DPBP_RUNS, DPBP_RUN_NAME, DPBP_MPIRUN_ARGS (extra mpirun args).
 # Exit status: the trainer's (0 done, 2 usage / wrong world size, 75 stopped after checkpoint).
 
+# shellcheck disable=SC2012,SC2317 # ls of zero-padded names; functions run from traps
 set -u
 EX_TEMPFAIL=75
 log() { echo "[local.sh $(date '+%F %T')] $*" >&2; }

@@ -27,12 +27,8 @@ CONFIG = REPO / "configs" / "xor.toml"
 STEPS = 120  # 4 ranks on 2 cores: a step costs milliseconds idle, up to 0.3 s on a busy machine
 BASE = ["--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=20",
         "--set", "train.log_every=20", "--set", "train.keep_checkpoints=100"]
-SETS = [*BASE, "--set", 'comm.reduce="reproducible"']
-# The preemption tests compare 4-rank runs with 4-rank runs, which "fast" mode also repeats bit
-# for bit. They use it because in "reproducible" mode the trainer drops the stop flag (it is
-# written into the reduce buffer after the chunks were stored, so SIGTERM/SIGUSR1 are ignored).
-# Switch to SETS once dpbp/train.py carries the flag in that mode too.
-PREEMPT_SETS = [*BASE, "--set", 'comm.reduce="fast"']
+# reproducible reduce with 1-sample chunks: every one of the 4 ranks computes a share of the batch
+SETS = [*BASE, "--set", 'comm.reduce="reproducible"', "--set", "comm.chunk=1"]
 SLOW = {"DPBP_STEP_SLEEP": "0.05"}  # >= 4 s left after step 40: time to preempt the job
 BIN = os.path.dirname(sys.executable)
 
@@ -79,7 +75,7 @@ def wait_for_checkpoint(slurm, job: str, run_dir: Path, at_least: int, timeout: 
 
 
 def submit(slurm, tmp_path: Path, *train_args, name: str = "job", env=None, ntasks: int = 4,
-           sets=PREEMPT_SETS) -> tuple[str, Path]:
+           sets=SETS) -> tuple[str, Path]:
     out = tmp_path / f"{name}.out"
     job = slurm.sbatch([f"--ntasks={ntasks}", f"--output={out}", "--time=5",
                         str(SBATCH), str(CONFIG), *sets, *train_args],
@@ -112,11 +108,6 @@ def reference(tmp_path_factory) -> dict:
     return plain_mpirun(SETS, tmp_path_factory.mktemp("plain") / "run")
 
 
-@pytest.fixture(scope="module")
-def reference_fast(tmp_path_factory) -> dict:
-    return plain_mpirun(PREEMPT_SETS, tmp_path_factory.mktemp("plain_fast") / "run")
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_sbatch_matches_plain_mpirun(slurm, tmp_path, reference, launcher):
@@ -145,7 +136,7 @@ def test_wrong_world_size_fails_loudly(slurm, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_requeue_resumes_bitwise(slurm, tmp_path, reference_fast):
+def test_requeue_resumes_bitwise(slurm, tmp_path, reference):
     """`scontrol requeue` (preemption): the ranks checkpoint, the job restarts by itself,
     resumes from that checkpoint, and ends with the uninterrupted run's parameters."""
     run_dir = tmp_path / "run"
@@ -168,11 +159,11 @@ def test_requeue_resumes_bitwise(slurm, tmp_path, reference_fast):
     logged = [r["step"] for r in records if r.get("split") != "val"]
     assert logged[0] == 20 and logged[-1] == STEPS and logged == sorted(logged), logged
     assert len((run_dir / "header.jsonl").read_text().splitlines()) == 2  # one line per start
-    assert_bitwise_equal(run_dir / "final.npz", reference_fast)
+    assert_bitwise_equal(run_dir / "final.npz", reference)
 
 
 @pytest.mark.timeout(240)
-def test_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path, reference_fast):
+def test_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path, reference):
     """The time-limit warning (--signal=B:USR1@120 goes to the batch shell alone; sent here by
     hand): the script forwards it, the ranks checkpoint and exit 75, the script requeues the
     job, which resumes and matches the uninterrupted run bitwise."""
@@ -187,11 +178,11 @@ def test_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path, reference_
     assert "got SIGUSR1: forwarding it to the ranks" in log and "requeueing job" in log, log
     stopped = re.findall(r"checkpoint at step (\d+)", log)
     assert len(stopped) == 1 and re.search(rf"resumed from \S+ at step {stopped[0]}\b", log), log
-    assert_bitwise_equal(run_dir / "final.npz", reference_fast)
+    assert_bitwise_equal(run_dir / "final.npz", reference)
 
 
 @pytest.mark.timeout(240)
-def test_scancel_term_checkpoints_and_exits_cleanly(slurm, tmp_path, reference_fast):
+def test_scancel_term_checkpoints_and_exits_cleanly(slurm, tmp_path, reference):
     """`scancel --signal=TERM`: every rank stops at a step boundary, rank 0 writes a valid
     checkpoint, all exit 75 and the job ends with exit code 75:0 (no kill, no requeue, no
     traceback). Resubmitting with the same --out then resumes and finishes bitwise."""
@@ -220,4 +211,4 @@ def test_scancel_term_checkpoints_and_exits_cleanly(slurm, tmp_path, reference_f
     log2 = out2.read_text()
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", log2
     assert re.search(rf"resumed from \S+ at step {step}\b", log2), log2
-    assert_bitwise_equal(run_dir / "final.npz", reference_fast)
+    assert_bitwise_equal(run_dir / "final.npz", reference)
