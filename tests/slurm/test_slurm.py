@@ -112,12 +112,15 @@ def reference(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_sbatch_matches_plain_mpirun(slurm, tmp_path, reference, launcher):
     """4 tasks through launch/slurm.sbatch == plain mpirun -n 4, bitwise; run dir runs/$JOBID."""
+    env = job_env(DPBP_LAUNCHER=launcher)
+    del env["DPBP_HOME"]  # the script finds the repository from the submitted script's path
     job = slurm.sbatch(["--ntasks=4", "--time=5", str(SBATCH), str(CONFIG), *SETS],
-                       cwd=tmp_path, env=job_env(DPBP_LAUNCHER=launcher))
+                       cwd=tmp_path, env=env)
     info = slurm.wait_done(job, 150)
     log = (tmp_path / f"slurm-{job}.out").read_text()  # sbatch's default output name
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert "world size 4" in log and f"launcher {launcher}" in log, log
+    assert f"repository {REPO}" in log, log
     run_dir = tmp_path / "runs" / job
     assert (run_dir / "config.toml").exists() and (run_dir / "metrics.jsonl").exists()
     assert ckpt_steps(run_dir)[0] == 20 and ckpt_steps(run_dir)[-1] == STEPS
