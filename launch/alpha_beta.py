@@ -18,7 +18,9 @@ What it does
   3. Predicts, with those alpha and beta, the Allreduce time, step time, speed-up and parallel
      efficiency at 1, 8, 64 and 512 ranks for two gradient sizes: the 784-1024-1024-10 float32
      MLP (1,863,690 parameters = 7.45 MB) and a 100M-parameter float32 MLP (400 MB), given the
-     compute time of one step (--compute, seconds, for the whole global batch on ONE rank):
+     compute time of one step (--compute, seconds, for the whole global batch on ONE rank, of the
+     small model; the 100M model's is --compute-100m, by default --compute scaled by the
+     parameter count):
         strong scaling (fixed global batch, the trainer's data.batch_size):
             step(P) = compute/P + T_allreduce(P),  efficiency = compute / (P * step(P))
         weak scaling (fixed per-rank batch):
@@ -49,8 +51,12 @@ RANKS = [1, 8, 64, 512]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compute", type=float, default=0.1,
-                   help="compute time of one training step on one rank, seconds (default 0.1)")
+    p.add_argument("--compute", type=float, default=0.0234,
+                   help="compute time of one training step of the 784-1024-1024-10 model on one rank, "
+                        "seconds (default 0.0234: configs/bench_large.toml, batch 256, 1 thread, here)")
+    p.add_argument("--compute-100m", type=float,
+                   help="the same for the 100M-parameter MLP (default: --compute scaled by the parameter "
+                        "count, since an MLP step's flops grow in proportion to it)")
     p.add_argument("--dtype-bytes", type=int, default=4, help="bytes per gradient element (default 4: float32)")
     p.add_argument("--min-bytes", type=int, default=8, help="smallest message of the sweep (default 8)")
     p.add_argument("--max-bytes", type=int, default=32 << 20, help="largest message of the sweep (default 32 MiB)")
@@ -146,14 +152,19 @@ def fmt_time(s):
     return f"{s:8.3f} s "
 
 
-def report_predictions(alpha, beta, compute, dtype_bytes, out):
+def report_predictions(alpha, beta, compute, compute_100m, dtype_bytes, out):
     print(f"\nPredicted per-step cost, ring Allreduce with alpha = {alpha * 1e6:.2f} us, "
-          f"beta = {beta / 1e9:.3f} GB/s, compute = {compute:g} s per step on one rank "
-          f"(no overlap):", file=out)
-    for name, n_params in MODELS:
+          f"beta = {beta / 1e9:.3f} GB/s (no overlap of communication and compute):", file=out)
+    if compute_100m is None:
+        compute_100m = compute * MODELS[1][1] / MODELS[0][1]
+        how = "scaled from --compute by the parameter count"
+    else:
+        how = "given"
+    for (name, n_params), comp, note in zip(MODELS, (compute, compute_100m), ("given", how)):
+        compute = comp
         n_bytes = n_params * dtype_bytes
-        print(f"\n{name}: {n_params:,} parameters x {dtype_bytes} B = {n_bytes / 1e6:.2f} MB of gradient",
-              file=out)
+        print(f"\n{name}: {n_params:,} parameters x {dtype_bytes} B = {n_bytes / 1e6:.2f} MB of gradient; "
+              f"compute {compute:.4g} s per step on one rank ({note})", file=out)
         print(f"{'ranks':>6} {'allreduce':>11} | {'strong: step':>12} {'speed-up':>9} {'efficiency':>10} | "
               f"{'weak: step':>11} {'efficiency':>10}", file=out)
         for P in RANKS:
@@ -171,7 +182,7 @@ def main(argv=None):
         print("alpha_beta: give both --alpha and --beta, or neither", file=sys.stderr)
         return 2
     if args.alpha is not None:
-        report_predictions(args.alpha, args.beta, args.compute, args.dtype_bytes, out)
+        report_predictions(args.alpha, args.beta, args.compute, args.compute_100m, args.dtype_bytes, out)
         return 0
 
     from mpi4py import MPI
@@ -209,7 +220,7 @@ def main(argv=None):
           f"(least absolute relative error over {len(sizes)} sizes)", file=out)
     print(f"alpha = {alpha * 1e6:.3f} us   beta = {beta / 1e9:.3f} GB/s   "
           f"(median relative error {med_err:.0%}, worst {worst:.0%})", file=out)
-    report_predictions(alpha, beta, args.compute, args.dtype_bytes, out)
+    report_predictions(alpha, beta, args.compute, args.compute_100m, args.dtype_bytes, out)
     return 0
 
 
