@@ -333,6 +333,9 @@ def main(argv, comm):
                 check_replicas(comm, model, step)
             if stats[STOP] > 0 and step < steps:  # at the last step, finishing is quicker than a requeue
                 save_checkpoint(comm, trainer, run_dir, step)
+                # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on
+                # the first non-zero exit (Slurm's KillOnBadExit) must not cut the write short.
+                comm.barrier()
                 progress.say(f"stop requested by a signal: checkpoint at step {step} written to {run_dir}; "
                              f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)
                 progress.close()
