@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dpbp.config import OPTIONS, load_config, to_toml
 from dpbp.errors import UserError
+from tests.conftest import REPO
 
 
 def write(tmp_path, text):
@@ -69,3 +72,17 @@ def test_cli_reports_bad_input_once_without_traceback(run_cli, args, needle):
 
 def test_every_key_has_a_doc():
     assert all(o.doc for o in OPTIONS.values())
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_shipped_configs_are_valid(name):
+    """Every file in configs/ only overrides known keys with allowed values."""
+    cfg = load_config(os.path.join(REPO, "configs", name))
+    assert cfg["model.sizes"][0] >= 1
+
+
+def test_mnist_config_names_the_idx_files_and_fails_clearly_without_them(run_cli, tmp_path):
+    proc = run_cli("train", "--config", os.path.join(REPO, "configs/mnist.toml"), "--out", tmp_path / "m",
+                   cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "mnist/train-images-idx3-ubyte.gz" in proc.stderr
