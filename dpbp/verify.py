@@ -150,12 +150,18 @@ def fd_indices(cfg, n_params, wanted):
     return np.concatenate(chosen)
 
 
+def flat(cfg, params):
+    """{name: array} -> one float64 vector in the model's buffer order."""
+    names = param_names(len(cfg["model.sizes"]) - 1)
+    return np.concatenate([np.asarray(params[n], np.float64).ravel() for n in names])
+
+
 def fd_gradient(cfg, comm, params, x, t, indices):
     """4: (E(w + h e_i) - E(w - h e_i)) / 2h for the given flat indices, shared out over the ranks.
 
     Returns (values, skipped): skipped marks parameters whose step moved some relu across its kink,
-    where E is not differentiable at the scale of h (their value is NaN and they are left out)."""
-    theta = np.concatenate([np.asarray(params[n], np.float64).ravel() for n in param_names(len(cfg["model.sizes"]) - 1)])
+    where E is not differentiable at the scale of h (they are left out of the comparison)."""
+    theta = flat(cfg, params)
     _, masks0 = objective(cfg, theta, x, t)
     lo, hi = share(len(indices), comm.rank, comm.size)
     mine = []
@@ -171,9 +177,9 @@ def fd_gradient(cfg, comm, params, x, t, indices):
         theta[i] = w
         kink = any(not (np.array_equal(a, m) and np.array_equal(b, m))
                    for a, b, m in zip(masks_plus, masks_minus, masks0))
-        mine.append(math.nan if kink else (e_plus - e_minus) / (plus - minus))
-    values = np.array([v for part in comm.allgather(mine) for v in part], np.float64)
-    return values, np.isnan(values)
+        mine.append(((e_plus - e_minus) / (plus - minus), kink))
+    found = [item for part in comm.allgather(mine) for item in part]
+    return np.array([v for v, _ in found], np.float64), np.array([k for _, k in found], bool)
 
 
 # ---------------------------------------------------------------- comparing them
@@ -204,10 +210,10 @@ def compare(grads, fd_at, fd_skip, names, shapes, dtype, E_total):
             where = checked[part] if 3 in pair else np.ones(part.stop - part.start, bool)
             diff = np.abs(a[part] - b[part])[where]
             max_abs = float(diff.max()) if diff.size else 0.0
+            max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
             rtol, atol = tolerance(pair, dtype, E_total)
             rows.append({"tensor": name, "pair": f"{pair[0] + 1}-{pair[1] + 1}",
-                         "a": GRADIENTS[pair[0]], "b": GRADIENTS[pair[1]],
-                         "max_abs": max_abs, "max_rel": max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf),
+                         "a": GRADIENTS[pair[0]], "b": GRADIENTS[pair[1]], "max_abs": max_abs, "max_rel": max_rel,
                          "rtol": rtol, "atol": atol, "compared": int(diff.size),
                          "ok": bool(max_abs <= rtol * scale + atol)})  # False for NaN too
     return rows
@@ -216,19 +222,26 @@ def compare(grads, fd_at, fd_skip, names, shapes, dtype, E_total):
 # ---------------------------------------------------------------- output
 
 
-def table(report):
-    lines = [report["title"], *report["notes"], "",
+def table(r):
+    """The report as text: a header, one line per tensor and pair, the verdict."""
+    plural = "s" if r["batch"] > 1 else ""
+    skipped = f", {r['fd_skipped_at_kinks']} skipped at relu kinks" if r["fd_skipped_at_kinks"] else ""
+    lines = [f"dpbp verify | {r['ranks']} rank{'s' if r['ranks'] > 1 else ''} | reduce {r['reduce']} | model "
+             f"{'-'.join(map(str, r['sizes']))} {r['activation']} {r['dtype']}, {r['n_params']} parameters",
+             f"loss {r['loss']} | first global batch: {r['batch']} sample{plural} | E_total {r['E_total']:.10g}",
+             f"gradients: 1 allreduce (Trainer.gradient, {r['dtype']}), 2 full batch, 3 per-sample sum "
+             f"({r['batch']} pass{'es' if plural else ''}), 4 central differences (h = {FD_H:g} max(1,|w|), "
+             f"{r['fd_checked']} of {r['n_params']} parameters{skipped})",
+             "2-4 in float64; relative = max abs diff / largest |entry| of the tensor in 2", "",
              f"{'tensor':<18} {'pair':<25} {'max abs diff':>12} {'max rel diff':>12}  {'tolerance':<24} ok"]
     last = None
-    for r in report["rows"]:
-        tol = f"{r['rtol']:.0e} rel" + (f" + {r['atol']:.1e} abs" if r["atol"] else "")
-        pair = f"{r['pair']} {r['a']}/{r['b']}"
-        lines.append(f"{r['tensor'] if r['tensor'] != last else '':<18} {pair:<25} {r['max_abs']:>12.3e} "
-                     f"{r['max_rel']:>12.3e}  {tol:<24} {'ok' if r['ok'] else 'FAIL'}")
-        last = r["tensor"]
-    lines.append("")
-    lines.append(report["verdict"])
-    return "\n".join(lines)
+    for row in r["rows"]:
+        tol = f"{row['rtol']:.0e} rel" + (f" + {row['atol']:.1e} abs" if row["atol"] else "")
+        pair = f"{row['pair']} {row['a']}/{row['b']}"
+        lines.append(f"{row['tensor'] if row['tensor'] != last else '':<18} {pair:<25} {row['max_abs']:>12.3e} "
+                     f"{row['max_rel']:>12.3e}  {tol:<24} {'ok' if row['ok'] else 'FAIL'}")
+        last = row["tensor"]
+    return "\n".join([*lines, "", r["verdict"]])
 
 
 def verdict(rows):
@@ -264,30 +277,17 @@ def main(argv, comm):
     if comm.rank == 0:
         g2 = full_batch_gradient(cfg, params, x, t)
         g3 = per_sample_gradient(cfg, params, x, t)
-        E_total, _ = objective(cfg, np.concatenate([np.asarray(params[n], np.float64).ravel()
-                                                    for n in param_names(len(sizes) - 1)]), x, t)
+        E_total, _ = objective(cfg, flat(cfg, params), x, t)
         rows = compare([g1, g2, g3, g4], at, skipped, param_names(len(sizes) - 1), param_shapes(sizes),
                        cfg["model.dtype"], E_total)
         text, failed = verdict(rows)
-        report = {
-            "title": (f"dpbp verify | {comm.size} rank{'s' if comm.size > 1 else ''} | reduce {cfg['comm.reduce']} | "
-                      f"model {'-'.join(map(str, sizes))} {cfg['model.activation']}/{cfg['model.output']} "
-                      f"{cfg['model.dtype']}, {n_params} parameters"),
-            "notes": [f"loss {cfg['loss.kind']} ({cfg['loss.reduction']}, l2 {cfg['loss.l2']}) | first global batch: "
-                      f"{len(idx)} samples | E_total {E_total:.10g}",
-                      f"gradients: 1 allreduce (Trainer.gradient, {cfg['model.dtype']}), 2 full batch, "
-                      f"3 per-sample sum ({len(idx)} pass{'es' if len(idx) > 1 else ''}), 4 central differences (h = {FD_H:g} max(1,|w|), "
-                      f"{len(at) - int(skipped.sum())} of {n_params} parameters"
-                      + (f", {int(skipped.sum())} skipped at relu kinks" if skipped.any() else "") + ")",
-                      "2-4 in float64; relative = max abs diff / largest |entry| of the tensor in 2"],
-            "ranks": comm.size, "reduce": cfg["comm.reduce"], "sizes": sizes, "dtype": cfg["model.dtype"],
-            "batch": len(idx),
-            "E_total": E_total, "fd_checked": len(at) - int(skipped.sum()), "fd_skipped_at_kinks": int(skipped.sum()),
-            "n_params": n_params, "rows": rows, "ok": not failed, "failed": failed, "verdict": text}
-        if args.json:
-            print(json.dumps({k: v for k, v in report.items() if k not in ("title", "notes")}, indent=1), flush=True)
-        else:
-            print(table(report), flush=True)
+        report = {"ranks": comm.size, "reduce": cfg["comm.reduce"], "sizes": sizes, "n_params": n_params,
+                  "activation": f"{cfg['model.activation']}/{cfg['model.output']}", "dtype": cfg["model.dtype"],
+                  "loss": f"{cfg['loss.kind']} ({cfg['loss.reduction']}, l2 {cfg['loss.l2']})",
+                  "batch": len(idx), "E_total": E_total, "fd_checked": int(len(at) - skipped.sum()),
+                  "fd_skipped_at_kinks": int(skipped.sum()), "rows": rows, "ok": not failed, "failed": failed,
+                  "verdict": text}
+        print(json.dumps(report, indent=1) if args.json else table(report), flush=True)
         if failed:
             print(text, file=sys.stderr, flush=True)
     ok = comm.bcast(report["ok"] if report else None)
