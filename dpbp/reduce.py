@@ -42,7 +42,8 @@ reproducible
     Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk), keeps
     all but its last chunk's gradient (a copy each), reads each chunk for its max, adds M and adds the
     integers, then converts the result back (about 6 passes over the gradient with one chunk per rank);
-    P > N leaves ranks idle. Measured against "fast" in README.md (section "Verify").
+    P > N leaves ranks idle. Memory: ceil(N / P) - 1 gradient-sized copies and one integer accumulator per
+    rank. Measured against "fast" in README.md (section "Verify").
 """
 
 from __future__ import annotations
