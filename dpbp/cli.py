@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 
 from dpbp.comm import get_comm
@@ -56,26 +55,6 @@ def say(comm, *lines, file=None):
     """Print on rank 0 only."""
     if comm.rank == 0:
         print(*lines, file=file or sys.stdout, flush=True)
-
-
-class FailureAgreement:
-    """A private communicator on which failing ranks find out whether every rank failed."""
-
-    def __init__(self, comm):
-        world = getattr(comm, "comm", None)  # the mpi4py communicator of an MPIComm; None when serial
-        self.private = world.Dup() if world is not None and comm.size > 1 else None
-
-    def gather(self, item, grace_s):
-        """Every rank's item if all ranks call this within grace_s seconds, else None."""
-        if self.private is None:
-            return [item]
-        request = self.private.Ibarrier()
-        deadline = time.monotonic() + grace_s
-        while not request.Test():
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.002)
-        return self.private.allgather(item)
 
 
 def rank_list(ranks, size):
@@ -123,7 +102,7 @@ def run(main, argv=None, prog="dpbp"):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    agreement = FailureAgreement(comm)
+    agreement = comm.failure_channel()
     try:
         return main(sys.argv[1:] if argv is None else argv, comm) or 0
     except UserError as e:
@@ -134,6 +113,9 @@ def run(main, argv=None, prog="dpbp"):
         return fail(comm, agreement, prog, "stopped", "interrupted", EXIT_INTERRUPTED, GRACE_EXPECTED_S)
     except SystemExit:
         raise
+    except BrokenPipeError:  # e.g. `python -m dpbp.train | head`: stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return fail(comm, agreement, prog, "stopped", "output pipe closed", EXIT_CRASH, GRACE_CRASH_S)
     except BaseException as e:  # noqa: BLE001 - a crash on one rank must take the whole job down
         if os.environ.get("DPBP_TRACEBACK") == "1":
             traceback.print_exc()

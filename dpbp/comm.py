@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -51,6 +52,9 @@ class SerialComm:
 
     def ibarrier(self):
         return _DoneRequest()
+
+    def failure_channel(self):
+        return FailureChannel(None)
 
     def abort(self, code):
         sys.stdout.flush()
@@ -111,6 +115,10 @@ class MPIComm:
         """A non-blocking barrier: poll its Test() with sleeps to wait without spinning a core."""
         return self.comm.Ibarrier()
 
+    def failure_channel(self):
+        """Collective (call once, at start): a private duplicate of the world for failing ranks."""
+        return FailureChannel(self.comm.Dup() if self.size > 1 else None)
+
     def abort(self, code):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -118,6 +126,29 @@ class MPIComm:
 
     def wtime(self):
         return self.MPI.Wtime()
+
+
+class FailureChannel:
+    """Where failing ranks find out whether every rank failed at the same point.
+
+    It lives on a private duplicate of the world communicator, so it can never match a collective that
+    healthy ranks are blocked in; the caller decides what to do when the others do not arrive.
+    """
+
+    def __init__(self, private):
+        self.private = private
+
+    def gather(self, item, grace_s):
+        """Every rank's item if all ranks call this within grace_s seconds, else None."""
+        if self.private is None:
+            return [item]
+        request = self.private.Ibarrier()
+        deadline = time.monotonic() + grace_s
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.002)  # poll gently: the rank we wait for may need this core
+        return self.private.allgather(item)
 
 
 def launched_by_mpi() -> bool:
