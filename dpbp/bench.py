@@ -366,7 +366,9 @@ def machine_lines(comm, torch):
     except ImportError:
         pass
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ)
-    return [f"machine: {cpu}, {os.cpu_count()} cores | python {platform.python_version()}, numpy {np.__version__}, "
+    load = "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return [f"machine: {cpu}, {os.cpu_count()} cores, {load} | python {platform.python_version()}, "
+            f"numpy {np.__version__}, "
             f"{blas}{' | ' + env if env else ''}",
             f"MPI: {comm.library}, {comm.size} rank(s)"
             + (f" | torch {torch.__version__}" if torch is not None else " | torch: not importable")]
@@ -450,6 +452,8 @@ def main(argv, comm):
     else:
         for line in table(summaries):
             say(line)
+        if hasattr(os, "getloadavg"):
+            say("load average at the end: %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg())
         say("peak RSS of this benchmark process per rank (all rows together): "
             + ", ".join(f"{r:.0f} MB" for r in rss))
     return 0
