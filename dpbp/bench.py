@@ -10,6 +10,7 @@ Rows, per model spec and ranks x BLAS threads:
                 (--set overrides on the defaults, data from the built-in 'random' set)
   GEMM bound    the same step's matrix products alone (x W^T, delta^T x, delta W per layer, on the
                 model's own buffers, same shapes and dtype); "of GEMM" = GEMM-bound time / step time
+                (for comm.reduce = 'reproducible', the bound of its chunk-by-chunk products)
   torch         the same model, batch, dtype, threads and SGD in PyTorch (--vs-torch; DDP over gloo
                 under mpirun); "vs torch" = torch step time / dpbp step time
 Under ``mpirun -n P`` also, per dpbp row: the time per step spent inside the gradient reduction's MPI
@@ -144,8 +145,8 @@ class DpbpRow(Row):
 class GemmRow(Row):
     """The matrix products of a DpbpRow's step, alone, on that model's buffers."""
 
-    def __init__(self, of):
-        super().__init__(of.spec, of.ranks, of.threads, "GEMM bound", of.batch, of.steps)
+    def __init__(self, of, variant="GEMM bound"):
+        super().__init__(of.spec, of.ranks, of.threads, variant, of.batch, of.steps)
         model, pieces = of.trainer.model, of.trainer.reducer.pieces(of.batch)
         self.products = []
         for a, b in pieces:
@@ -313,11 +314,15 @@ def build_rows(args, comm, torch):
         if comm.size > 1 and args.bucket_mb > 0:
             variants.append((f"dpbp, buckets {args.bucket_mb:g} MB", [f"comm.bucket_mb={args.bucket_mb}"]))
         if name == LARGE and not args.no_reproducible:
-            variants.append(("dpbp, reproducible", ["comm.reduce='reproducible'"]))
+            chunk = cfg["comm.chunk"]
+            variants.append((f"dpbp, reproducible, chunk {chunk}", ["comm.reduce='reproducible'"]))
+            variants.append(("dpbp, reproducible, chunk 128", ["comm.reduce='reproducible'", "comm.chunk=128"]))
         for threads in thread_counts(args, comm):
             for variant, sets in variants:
                 row = DpbpRow(name, make_cfg(sets), comm, threads, variant, steps, data)
                 rows.append(row)
+                if "reproducible" in variant:  # its own bound: the same products, chunk by chunk
+                    rows.append(GemmRow(row, "GEMM bound, " + variant.split(", ")[-1]))
                 if variant == "dpbp":
                     rows.append(GemmRow(row))
                     if torch is not None and cfg["data.batch_size"] >= comm.size:  # DDP needs rows on every rank
@@ -391,8 +396,9 @@ def relate(summaries):
     for s in summaries:
         group = by[(s["spec"], s["ranks"], s["threads"])]
         if s["variant"].startswith("dpbp"):
-            if "GEMM bound" in group:
-                s["of_gemm"] = group["GEMM bound"] / s["step_s"]["median"]
+            bound = group.get("GEMM bound, " + s["variant"].split(", ")[-1], group.get("GEMM bound"))
+            if bound:
+                s["of_gemm"] = bound / s["step_s"]["median"]
             if "torch" in group:
                 s["vs_torch"] = group["torch"] / s["step_s"]["median"]
         if s["variant"] == "dpbp" and s["ranks"] > 1:
