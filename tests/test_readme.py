@@ -140,3 +140,47 @@ def test_config_regeneration_rewrites_a_stale_table(tmp_path):
     proc = dpbp("config", "--readme", stale, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert stale.read_text() == f"intro\n{README_BEGIN}\n{reference_markdown()}{README_END}\nrest\n"
+
+
+def section(text, name):
+    start = text.index(f"<!-- section: {name} -->")
+    end = text.find("<!-- section:", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_how_it_works_quotes_the_code_as_it_is():
+    """Every statement quoted next to a formula (python blocks, and inline code with a call) is in dpbp/."""
+    how = section(readme_text(), "how-it-works")
+    source = ""
+    for folder, _, files in os.walk(os.path.join(REPO, "dpbp")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name)) as f:
+                    source += f.read()
+    squeeze = lambda code: re.sub(r"\s+", " ", code).strip()  # noqa: E731
+    source = squeeze(source)
+    quoted = []
+    for block in re.findall(r"```python\n(.*?)```", how, flags=re.S):
+        for line in block.splitlines():
+            code = line.split("  #")[0] if not line.lstrip().startswith("#") else ""
+            quoted += [c for c in code.split("; ") if c.strip()]
+    quoted += [c for c in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", how, flags=re.S)) if "(" in c]
+    assert len(quoted) > 15, quoted
+    missing = [c for c in quoted if squeeze(c) not in source]
+    assert not missing, f"README 'How it works' quotes code that dpbp/ no longer has: {missing}"
+
+
+def test_how_it_works_names_functions_that_exist():
+    """`losses.squared_error`, `model.MLP.backward` ...: every module.name in the section resolves."""
+    import importlib
+    how = section(readme_text(), "how-it-works")
+    from dpbp.config import OPTIONS
+    names = set(re.findall(r"`((?:layers|losses|model|optim|reduce|comm|train|config)(?:\.\w+)+)`", how))
+    names -= set(OPTIONS)  # comm.reduce, comm.bucket_mb ... are config keys
+    assert len(names) >= 6, names
+    for dotted in sorted(names):
+        module, *attrs = dotted.split(".")
+        obj = importlib.import_module(f"dpbp.{module}")
+        for attr in attrs:
+            assert hasattr(obj, attr), f"README names {dotted}, but {obj!r} has no {attr!r}"
+            obj = getattr(obj, attr)
