@@ -109,9 +109,9 @@ SCHEMA: tuple[Option, ...] = (
            "reproducible mode: samples per fixed gradient chunk (the unit whose gradient is computed identically "
            "on any rank).", check=_positive, allowed="> 0", trajectory=False),
     Option("comm.bucket_mb", 0.0, float,
-           "fast mode: overlap the gradient Allreduce with backward in buckets of at least this many MB, "
-           "last layer first (0: one Allreduce after backward).", check=_non_negative, allowed=">= 0",
-           trajectory=False),
+           "fast mode, more than one rank: overlap the gradient Allreduce with backward in buckets of at least "
+           "this many MB, last layer first (0: one Allreduce after backward).", check=_non_negative,
+           allowed=">= 0", trajectory=False),
 )
 
 OPTIONS: dict[str, Option] = {o.key: o for o in SCHEMA}

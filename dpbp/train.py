@@ -72,7 +72,7 @@ class Trainer:
         self._stage = None if x.dtype == model.dtype else np.empty((0, x.shape[1]), x.dtype)
         self._l2_scratch = np.empty(max(W.size for W in model.weights), model.dtype) if cfg["loss.l2"] else None
         self._ready = None
-        if cfg["comm.bucket_mb"] and hasattr(self.reducer, "use_buckets"):
+        if cfg["comm.bucket_mb"] and self.comm.size > 1 and hasattr(self.reducer, "use_buckets"):
             layer_starts = [lo for lo, _ in bounds[0:2 * model.n_layers:2]]
             self.reducer.use_buckets(layer_starts, n, cfg["comm.bucket_mb"] * 2**20)
             self._ready = lambda l: self.reducer.grad_ready(layer_starts[l])

@@ -17,8 +17,9 @@ from dpbp.train import Trainer
 class SpyComm(SerialComm):
     """SerialComm that records (kind, dtype, address, size) of every reduction."""
 
-    def __init__(self):
+    def __init__(self, size=1):
         self.calls = []
+        self.size = size  # > 1: rank 0 of a pretend world (multi-rank code path, identity reductions)
 
     def _record(self, kind, buf):
         self.calls.append((kind, buf.dtype, buf.__array_interface__["data"][0], buf.size))
@@ -32,11 +33,11 @@ class SpyComm(SerialComm):
         return super().iallreduce_sum_(buf)
 
 
-def make(*sets, batch=32):
+def make(*sets, batch=32, size=1):
     cfg = load_config(None, ["model.sizes=[20,64,48,10]", "data.name='random'", f"data.batch_size={batch}",
                              "data.val_fraction=0.0", *sets])
     data, _ = load_data(cfg)
-    comm = SpyComm()
+    comm = SpyComm(size)
     return Trainer(cfg, comm, data), data, comm
 
 
@@ -51,7 +52,8 @@ def batches(data, batch, n):
 def test_float32_model_keeps_every_array_float32(activation, output, loss, bucket_mb):
     trainer, data, comm = make("model.dtype='float32'", f"model.activation='{activation}'",
                                f"model.output='{output}'", f"loss.kind='{loss}'", "loss.l2=1e-3",
-                               f"comm.bucket_mb={bucket_mb}")
+                               f"comm.bucket_mb={bucket_mb}", size=2)
+    assert bool(trainer.reducer.buckets) == (bucket_mb > 0)
     assert data.x.dtype == np.float64  # the data stay as loaded; the model casts each batch on the way in
     for idx in batches(data, 32, 3):
         trainer.step(idx)
@@ -70,8 +72,9 @@ def test_float32_model_keeps_every_array_float32(activation, output, loss, bucke
     assert comm.calls and all(dtype == np.float32 for _, dtype, _, _ in comm.calls)
 
 
-def test_fast_reduction_is_one_in_place_allreduce_of_the_whole_buffer_per_step():
-    trainer, data, comm = make("model.dtype='float32'")
+@pytest.mark.parametrize("sets,size", [([], 1), (["comm.bucket_mb=0"], 2)])  # default alone; buckets off
+def test_fast_reduction_is_one_in_place_allreduce_of_the_whole_buffer_per_step(sets, size):
+    trainer, data, comm = make("model.dtype='float32'", *sets, size=size)
     buf = trainer.reducer.buf
     for idx in batches(data, 32, 4):
         before = len(comm.calls)
@@ -83,7 +86,7 @@ def test_fast_reduction_is_one_in_place_allreduce_of_the_whole_buffer_per_step()
 
 
 def test_buckets_cover_the_buffer_exactly_once_last_layer_first():
-    trainer, data, comm = make("model.dtype='float64'", "comm.bucket_mb=0.01")
+    trainer, data, comm = make("model.dtype='float64'", "comm.bucket_mb=0.01", size=2)
     buf = trainer.reducer.buf
     start = buf.__array_interface__["data"][0]
     trainer.step(batches(data, 32, 1)[0])
