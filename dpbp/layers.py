@@ -17,7 +17,8 @@ import numpy as np
 
 
 def sigmoid(net, out):
-    """out = 1 / (1 + e^-net), computed without overflow for large |net|."""
+    """out = 1 / (1 + e^-net). For net below about -88 (float32) / -709 (float64) e^-net overflows to inf
+    (NumPy warns once) and 1 / (1 + inf) = 0 is the right limit."""
     np.negative(net, out=out)
     np.exp(out, out=out)
     out += 1.0
