@@ -7,6 +7,8 @@ The seed's w_ij joins unit j of the layer below to unit i of this one, so W has 
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 
 # ---------------------------------------------------------------- activations
@@ -87,12 +89,17 @@ def softmax_jacobian_times(delta, out, scratch):
     return delta
 
 
+class Activation(NamedTuple):
+    f: Callable  # f(net, out) -> out = f(net)
+    prime_times: Callable  # prime_times(delta, out, scratch) -> delta (.) f'(net), f' written through out
+
+
 ACTIVATIONS = {
-    "sigmoid": (sigmoid, sigmoid_prime_times),
-    "tanh": (tanh, tanh_prime_times),
-    "relu": (relu, relu_prime_times),
-    "identity": (identity, identity_prime_times),
-    "softmax": (softmax, softmax_jacobian_times),
+    "sigmoid": Activation(sigmoid, sigmoid_prime_times),
+    "tanh": Activation(tanh, tanh_prime_times),
+    "relu": Activation(relu, relu_prime_times),
+    "identity": Activation(identity, identity_prime_times),
+    "softmax": Activation(softmax, softmax_jacobian_times),
 }
 
 

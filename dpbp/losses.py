@@ -22,7 +22,7 @@ def squared_error(out, y, delta, output, scratch=None):
     np.subtract(out, y, out=delta)
     E = 0.5 * float(np.vdot(delta, delta))
     # grad_out E (.) sigma'(net), or J^T grad_out E for softmax
-    ACTIVATIONS[output][1](delta, out, np.empty_like(out) if scratch is None else scratch)
+    ACTIVATIONS[output].prime_times(delta, out, np.empty_like(out) if scratch is None else scratch)
     return E
 
 

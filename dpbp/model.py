@@ -88,8 +88,8 @@ class MLP:
         pv, gv = views(self.params, self.shapes), views(self.grad, self.shapes)
         self.weights, self.biases = pv[0::2], pv[1::2]
         self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
-        self.f = [ACTIVATIONS[activation][0]] * (self.n_layers - 1) + [ACTIVATIONS[output][0]]
-        self.f_prime_times = [ACTIVATIONS[activation][1]] * (self.n_layers - 1)
+        self.f = [ACTIVATIONS[activation].f] * (self.n_layers - 1) + [ACTIVATIONS[output].f]
+        self.f_prime_times = [ACTIVATIONS[activation].prime_times] * (self.n_layers - 1)
         self.loss = LOSSES[loss]
         self._rows, self._views_B = 0, None
 

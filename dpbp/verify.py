@@ -118,7 +118,7 @@ def objective(cfg, theta, x, t):
     for l, (W, b) in enumerate(zip(tensors[0::2], tensors[1::2])):
         net = out @ W.T + b
         last = l == len(sizes) - 2
-        out = ACTIVATIONS[cfg["model.output"] if last else cfg["model.activation"]][0](net, np.empty_like(net))
+        out = ACTIVATIONS[cfg["model.output"] if last else cfg["model.activation"]].f(net, np.empty_like(net))
         if not last and cfg["model.activation"] == "relu":
             masks.append(net > 0)
     o = np.maximum(out, 1e-300)

@@ -88,7 +88,7 @@ def test_the_bound_catches_a_temporary_the_size_of_an_activation():
     trainer, data = make_trainer("model.activation='relu'", "model.dtype='float32'")
     idx = batch_indices(len(data), BATCH, 0, 0, True, False)[0]
     trainer.step(idx)
-    relu_prime = ACTIVATIONS["relu"][1]
+    relu_prime = ACTIVATIONS["relu"].prime_times
 
     def masked_relu_prime(delta, out, scratch):  # the obvious version: allocates a (B, n) mask
         delta[out <= 0.0] = 0.0
