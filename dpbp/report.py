@@ -18,7 +18,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from dpbp.cli import ArgumentParser, parse_args, run
+from dpbp import cli
+from dpbp.cli import ArgumentParser, parse_args
 from dpbp.config import OPTIONS, load_config, _toml_value
 from dpbp.errors import UserError
 
@@ -250,4 +251,4 @@ def main(argv, comm):
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, prog="dpbp.report"))
+    sys.exit(cli.run(main, prog="dpbp.report"))

@@ -22,13 +22,13 @@ import numpy as np
 
 from dpbp import __version__
 from dpbp import checkpoint as ckpt
-from dpbp.cli import ArgumentParser, agree, parse_args, run
+from dpbp.cli import ArgumentParser, parse_args, run
 from dpbp.config import load_config, to_toml, trajectory_hash, trajectory_items
 from dpbp.data import batch_indices, batches_per_epoch, epoch_order, load_data
 from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.losses import finish_gradient, l2_penalty
-from dpbp.model import MLP, initial_params
+from dpbp.model import MLP, count_params, initial_params, param_names, param_shapes
 from dpbp.optim import SGD
 from dpbp.progress import Progress
 from dpbp.reduce import make_reducer, share
@@ -47,12 +47,9 @@ class Trainer:
     def __init__(self, cfg, comm, data):
         self.cfg, self.comm, self.data = cfg, comm, data
         sizes = cfg["model.sizes"]
-        n = sum(int(np.prod(s)) for s in _shapes(sizes))
-        bounds, offset = [], 0
-        for s in _shapes(sizes):
-            size = int(np.prod(s))
-            bounds.append((offset, offset + size))
-            offset += size
+        ends = np.cumsum([int(np.prod(s)) for s in param_shapes(sizes)]).tolist()
+        n = ends[-1]
+        bounds = list(zip([0] + ends[:-1], ends))  # each tensor's slice of the flat buffer, in model order
         bounds.append((n + LOSS, n + LOSS + 1))  # the loss needs a scale; counts and flags are exact
         self.reducer = make_reducer(cfg["comm.reduce"], comm, n + N_STATS, cfg["model.dtype"], bounds,
                                     cfg["comm.chunk"])
@@ -133,11 +130,6 @@ class Trainer:
             if not np.isfinite(g).all():
                 return name
         return None
-
-
-def _shapes(sizes):
-    from dpbp.model import param_shapes
-    return param_shapes(sizes)
 
 
 def evaluate(model, data, comm, confusion=None):
@@ -229,7 +221,6 @@ def starting_params(cfg, init_path=None):
     """{name: float64 array}: the --init file's, else the seeded initialisation (the tutorial's weights
     for its 2-2-2 example). Shared with dpbp.verify."""
     if init_path:
-        from dpbp.model import param_names, param_shapes
         return ckpt.load_params(init_path, param_names(len(cfg["model.sizes"]) - 1),
                                 param_shapes(cfg["model.sizes"]))
     seed_example = cfg["data.name"] == "seed" and cfg["model.sizes"] == [2, 2, 2] and not cfg["data.path"]
@@ -241,7 +232,7 @@ def check_memory(cfg, n_train, size):
     """UserError if one rank's buffers cannot fit in this machine's memory (a typo in model.sizes or
     data.batch_size), rather than a MemoryError halfway through setting up."""
     sizes, itemsize = cfg["model.sizes"], np.dtype(cfg["model.dtype"]).itemsize
-    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    n_params = count_params(sizes)
     rows = -(-min(cfg["data.batch_size"], n_train) // size)
     if cfg["comm.reduce"] == "reproducible":
         rows = min(rows, cfg["comm.chunk"])
