@@ -198,17 +198,22 @@ def test_signal_to_one_rank_checkpoints_exits_75_and_resumes_bitwise(tmp_path, r
     assert_bitwise_equal(out_dir / "final.npz", reference[mode])
 
 
-@pytest.mark.timeout(120)
-def test_sigterm_to_mpirun_reaches_every_rank_and_exits_75(tmp_path):
-    out_dir = tmp_path / "r"
+def signal_mpirun_at_step_5(out_dir, sig):
+    """A P-rank job whose mpirun gets `sig` once step 5 is logged; (rc, stdout, stderr, seconds)."""
     job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir, ranks=P, env=SLOW)
     try:
         job.rank_pids(P)
         wait_for_step(out_dir, 5, job)
-        job.proc.send_signal(signal.SIGTERM)
-        rc, out, err, _ = job.finish(timeout=60)
+        job.proc.send_signal(sig)
+        return job.finish(timeout=60)
     finally:
         job.kill()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_mpirun_reaches_every_rank_and_exits_75(tmp_path):
+    out_dir = tmp_path / "r"
+    rc, out, err, _ = signal_mpirun_at_step_5(out_dir, signal.SIGTERM)
     assert rc == EXIT_PREEMPTED, (rc, out, err)
     assert list_checkpoints(out_dir)
 
@@ -227,14 +232,7 @@ def test_stop_flag_rides_the_bucketed_allreduce_too(tmp_path):
 @pytest.mark.timeout(90)
 def test_ctrl_c_to_mpirun_stops_every_rank_with_one_message(tmp_path):
     out_dir = tmp_path / "r"
-    job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir, ranks=P, env=SLOW)
-    try:
-        job.rank_pids(P)
-        wait_for_step(out_dir, 5, job)
-        job.proc.send_signal(signal.SIGINT)
-        rc, out, err, seconds = job.finish(timeout=60)
-    finally:
-        job.kill()
+    rc, out, err, seconds = signal_mpirun_at_step_5(out_dir, signal.SIGINT)
     assert rc == EXIT_INTERRUPTED, (rc, err)
     assert error_lines(err) == ["dpbp.train: stopped: interrupted"], err
 
