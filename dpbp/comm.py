@@ -11,8 +11,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from dpbp.errors import UserError
 
 # Environment variables that MPI launchers (hydra, Open MPI, Slurm's PMI) set in the ranks they start.
@@ -60,10 +58,6 @@ class SerialComm:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-    def wtime(self):
-        import time
-        return time.perf_counter()
 
 
 class _DoneRequest:
@@ -124,9 +118,6 @@ class MPIComm:
         sys.stderr.flush()
         self.comm.Abort(code)
 
-    def wtime(self):
-        return self.MPI.Wtime()
-
 
 class FailureChannel:
     """Where failing ranks find out whether every rank failed at the same point.
@@ -169,16 +160,3 @@ def get_comm():
                             f"with `pip install mpi4py mpich`, or against your cluster's MPI") from None
         return SerialComm()
     return MPIComm(MPI, MPI.COMM_WORLD)
-
-
-def same_everywhere(comm, value) -> bool:
-    """True when every rank passed an equal value (one small allgather)."""
-    values = comm.allgather(value)
-    return all(v == values[0] for v in values)
-
-
-def sum_scalars(comm, *values, dtype=np.float64):
-    """Sum a few numbers over ranks in one Allreduce (counts and sums for evaluation)."""
-    buf = np.array(values, dtype=dtype)
-    comm.allreduce_sum_(buf)
-    return buf

@@ -176,10 +176,3 @@ class MLP:
             if l > 0:
                 f_prime_times[l - 1](dx, outs[l], scratches[l])
         return E
-
-    def predict(self, x):
-        """out^(L) for x, in chunks so that memory stays bounded for large x."""
-        outs = []
-        for start in range(0, len(x), 4096):
-            outs.append(self.forward(x[start:start + 4096]).copy())
-        return np.concatenate(outs) if outs else np.empty((0, self.sizes[-1]), self.dtype)
