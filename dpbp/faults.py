@@ -29,6 +29,7 @@ import signal
 import time
 import zlib
 
+from dpbp.cli import rank_list
 from dpbp.errors import UserError
 
 FAULTS = ("raise", "usererror", "kill", "nan", "perturb", "term")
@@ -58,10 +59,6 @@ def params_checksum(params):
     return zlib.crc32(params)
 
 
-def rank_list(ranks):
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
-
-
 def replica_mismatch(comm, params):
     """Collective. None if every rank holds bitwise the same parameters, else who differs, in words."""
     sums = comm.allgather(params_checksum(params))
@@ -73,8 +70,8 @@ def replica_mismatch(comm, params):
     ordered = sorted(groups.values(), key=lambda ranks: (-len(ranks), ranks[0]))
     if len(ordered[0]) > len(ordered[1]):
         odd = sorted(r for ranks in ordered[1:] for r in ranks)
-        return f"{rank_list(odd)} differ{'s' if len(odd) == 1 else ''} from the other {len(ordered[0])} rank(s)"
-    return "no majority: " + "; ".join(f"{rank_list(ranks)} agree" for ranks in ordered)
+        return f"{rank_list(odd, comm.size)} differ{'s' if len(odd) == 1 else ''} from the other {len(ordered[0])} rank(s)"
+    return "no majority: " + "; ".join(f"{rank_list(ranks, comm.size)} agree" for ranks in ordered)
 
 
 # ---------------------------------------------------------------- fault injection (tests)

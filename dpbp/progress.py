@@ -25,7 +25,7 @@ import sys
 import time
 
 from dpbp import __version__
-from dpbp.reduce import share
+from dpbp.reduce import chunk_pieces, share
 
 # Processes that copy a rank's stdout to their own: under them a rank's stdout is a pipe even when the
 # user watches a terminal, so we look at the outermost launcher's stdout instead.
@@ -213,12 +213,7 @@ def rank_shares(batch, size, mode, chunk):
     """Samples each rank computes per step: contiguous shares (fast) or whole chunks (reproducible)."""
     if mode != "reproducible":
         return [b - a for a, b in (share(batch, r, size) for r in range(size))]
-    n_chunks = -(-batch // chunk)
-    shares = []
-    for r in range(size):
-        first, last = share(n_chunks, r, size)
-        shares.append(min(last * chunk, batch) - min(first * chunk, batch))
-    return shares
+    return [sum(b - a for a, b in chunk_pieces(batch, chunk, r, size)) for r in range(size)]
 
 
 def blas_info():

@@ -60,6 +60,13 @@ def share(n, rank, size):
     return start, start + base + (1 if rank < extra else 0)
 
 
+def chunk_pieces(n, chunk, rank, size):
+    """[(start, stop)] of the fixed chunks of `chunk` items (cut by position in 0..n, whatever `size` is)
+    that rank computes: a contiguous run of whole chunks, possibly none."""
+    first, last = share(-(-n // chunk), rank, size)
+    return [(c * chunk, min((c + 1) * chunk, n)) for c in range(first, last)]
+
+
 class FastReducer:
     """One piece per rank, then the float buffer summed over ranks by MPI, in place.
 
@@ -160,9 +167,7 @@ class ReproducibleReducer:
 
     def pieces(self, batch_size):
         """[(start, stop)] positions in the global batch of this rank's chunks (possibly none)."""
-        n_chunks = -(-batch_size // self.chunk)
-        first, last = share(n_chunks, self.comm.rank, self.comm.size)
-        return [(c * self.chunk, min((c + 1) * self.chunk, batch_size)) for c in range(first, last)]
+        return chunk_pieces(batch_size, self.chunk, self.comm.rank, self.comm.size)
 
     def begin(self, batch_size):
         self._n_chunks = -(-batch_size // self.chunk)

@@ -31,7 +31,7 @@ from dpbp.losses import finish_gradient, l2_penalty
 from dpbp.model import MLP, count_params, initial_params, param_names, param_shapes
 from dpbp.optim import SGD
 from dpbp.progress import Progress
-from dpbp.reduce import make_reducer, share
+from dpbp.reduce import chunk_pieces, make_reducer
 
 LOSS, CORRECT, STOP = 0, 1, 2  # statistics that ride the gradient's Allreduce, after the gradient
 N_STATS = 3
@@ -139,12 +139,10 @@ def evaluate(model, data, comm, confusion=None):
     confusion: an optional (classes, classes) int64 array; counts [true label, predicted class] are
     added to it, summed over ranks (exact, integers). Every rank must pass one or none.
     """
-    n_chunks = -(-len(data) // EVAL_CHUNK)
-    first, last = share(n_chunks, comm.rank, comm.size)
     mine = []
     delta = None
-    for c in range(first, last):
-        rows = slice(c * EVAL_CHUNK, min((c + 1) * EVAL_CHUNK, len(data)))
+    for a, b in chunk_pieces(len(data), EVAL_CHUNK, comm.rank, comm.size):
+        rows = slice(a, b)
         x, t, labels = data.batch(rows)
         out = model.forward(x)
         if delta is None or len(delta) < len(out):
