@@ -1,0 +1,51 @@
+"""BLAS threads per rank: chosen from the launcher's local rank count unless the user chose."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dpbp.threads import THREAD_VARIABLES, default_blas_threads
+from tests.conftest import mpirun_exe
+
+PROBE = ("import dpbp, os, numpy; from threadpoolctl import threadpool_info; "
+         "blas = [p for p in threadpool_info() if p['user_api'] == 'blas' and 'numpy' in p['filepath']]; "
+         "os.write(1, f\"{os.environ.get('OPENBLAS_NUM_THREADS')} {blas[0]['num_threads']}\\n\".encode())")
+# one write(2) per rank: lines from two ranks cannot interleave
+
+
+@pytest.mark.parametrize("local, usable, total, expected", [
+    ("2", 2, 2, 1), ("4", 2, 2, 1), ("2", 8, 8, 4), ("3", 8, 8, 2),
+    ("2", 3, 8, 3),  # the launcher bound this rank to 3 of 8 cores: they are its own
+    ("1", 8, 8, 8),
+])
+def test_ranks_share_the_cores(local, usable, total, expected):
+    for var in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        assert default_blas_threads({var: local}, usable, total) == expected
+
+
+@pytest.mark.parametrize("environ", [
+    {},  # a single process, no launcher: the BLAS default (all cores)
+    {"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "2"},  # the user chose
+    {"MPI_LOCALNRANKS": "2", "OPENBLAS_NUM_THREADS": "3"},
+    {"MPI_LOCALNRANKS": "2", "MKL_NUM_THREADS": "1"},
+    {"MPI_LOCALNRANKS": "many"},  # not a count: leave it alone rather than guess
+])
+def test_left_alone(environ):
+    assert default_blas_threads(environ, 8, 8) is None
+
+
+def _probe(env, ranks):
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES} | env
+    proc = subprocess.run([mpirun_exe(), "-n", str(ranks), sys.executable, "-c", PROBE],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_under_mpirun_numpy_uses_the_chosen_threads():
+    cores = os.cpu_count()
+    expected = max(1, cores // 2) if len(os.sched_getaffinity(0)) == cores else len(os.sched_getaffinity(0))
+    assert _probe({}, 2) == [f"{expected} {expected}"] * 2
+    assert _probe({"OPENBLAS_NUM_THREADS": "2"}, 2) == ["2 2"] * 2
