@@ -57,6 +57,7 @@ SPECS = {  # name -> --set overrides on the defaults, and steps per timed block
                           "data.batch_size=256", "optim.lr=0.01", "optim.momentum=0.9"], 20),
 }
 LARGE = "784-1024-1024-10"
+SPIN_DOWN_S = 0.5
 
 
 # ---------------------------------------------------------------- rows
@@ -127,19 +128,21 @@ class DpbpRow(Row):
         self.step_s.append(elapsed / self.steps)
         if self.raw is not None:
             self.note("exposed_comm_s", (trainer.comm_s - comm0 + self.exposed) / self.steps)
-            self.note("reducer_alone_s", self._alone(trainer.reducer.allreduce))
-            self.note("raw_allreduce_s", self._alone(lambda: self.comm.allreduce_sum_(self.raw)))
+            reducer_s, raw_s = self._alone(trainer.reducer.allreduce, lambda: self.comm.allreduce_sum_(self.raw))
+            self.note("reducer_alone_s", reducer_s)
+            self.note("raw_allreduce_s", raw_s)
 
-    def _alone(self, reduce, n=5):
-        """Seconds per call of reduce(), started together on all ranks (barrier), so no rank waits for
-        a slower one's compute."""
-        times = []
+    def _alone(self, *reductions, n=5):
+        """Median seconds per call of each reduction, the calls alternating (so both see the same machine)
+        and each started together on all ranks (barrier), so no rank waits for a slower one's compute."""
+        times = [[] for _ in reductions]
         for _ in range(n):
-            self.comm.barrier()
-            t0 = time.perf_counter()
-            reduce()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            for reduce, t in zip(reductions, times):
+                self.comm.barrier()
+                t0 = time.perf_counter()
+                reduce()
+                t.append(time.perf_counter() - t0)
+        return [statistics.median(t) for t in times]
 
 
 class GemmRow(Row):
@@ -445,8 +448,15 @@ def main(argv, comm):
         if args.vs_torch and torch is None:
             say("(--vs-torch: torch is not importable; its rows are left out)")
         say(f"{len(rows)} rows x {args.repeats} interleaved repeats ...")
+    threads_before = None
     for repeat in range(args.repeats + 1):  # repeat 0 warms up (buffers, BLAS threads, caches)
         for row in rows:
+            if threads_before is not None and row.threads < threads_before:
+                # OpenBLAS's workers spin for a while after their last parallel call: without a pause they
+                # would take a core from the next row's ranks (the first row after the 2-thread "rank 0
+                # alone" row measured 20-25% slower than the same config in a later row).
+                time.sleep(SPIN_DOWN_S)
+            threads_before = row.threads
             with threadpool_limits(limits=row.threads, user_api="blas"):
                 row.run(record=repeat > 0)
     summaries = relate([row.summary() for row in rows if row.step_s])

@@ -110,7 +110,8 @@ SCHEMA: tuple[Option, ...] = (
            "on any rank).", check=_positive, allowed="> 0", trajectory=False),
     Option("comm.bucket_mb", 0.0, float,
            "fast mode, more than one rank: overlap the gradient Allreduce with backward in buckets of at least "
-           "this many MB, last layer first (0: one Allreduce after backward).", check=_non_negative,
+           "this many MB, last layer first, when the gradient makes two or more (else, and with 0: one "
+           "Allreduce after backward).", check=_non_negative,
            allowed=">= 0", trajectory=False),
 )
 

@@ -70,8 +70,8 @@ def chunk_pieces(n, chunk, rank, size):
 class FastReducer:
     """One piece per rank, then the float buffer summed over ranks by MPI, in place.
 
-    Default (no buckets): ONE blocking Allreduce of the whole buffer after backward.
-    With ``use_buckets``: backward reports each layer as soon as its gradient is final (the last layer
+    Without buckets: ONE blocking Allreduce of the whole buffer after backward.
+    With ``use_buckets`` (comm.bucket_mb, when the gradient makes at least two buckets): backward reports each layer as soon as its gradient is final (the last layer
     first; the buffer holds layer 0 first, so what is final is always a tail of the gradient). The
     gradient is cut at layer boundaries into buckets of at least ``bucket_bytes``, from the end; each
     bucket's non-blocking Iallreduce starts as soon as it is final, so reducing the later layers can
@@ -100,6 +100,8 @@ class FastReducer:
                 if hi > lo:
                     self.buckets.append((lo, hi))
                 hi = lo
+        if len(self.buckets) < 2:  # nothing to overlap: one Allreduce of gradient and statistics together
+            self.buckets = []
 
     def pieces(self, batch_size):
         """[(start, stop)] positions in the global batch that this rank computes, one piece each."""
