@@ -81,17 +81,23 @@ class MLP:
         self.names = param_names(self.n_layers)
         self.n_params = count_params(sizes)
         self.params = np.zeros(self.n_params, self.dtype)
+        pv = views(self.params, self.shapes)
+        self.weights, self.biases = pv[0::2], pv[1::2]
         # The caller may hand in the gradient buffer (a view into a larger one that also carries
         # statistics through the same Allreduce).
-        self.grad = np.zeros(self.n_params, self.dtype) if grad is None else grad
-        assert self.grad.shape == (self.n_params,) and self.grad.dtype == self.dtype
-        pv, gv = views(self.params, self.shapes), views(self.grad, self.shapes)
-        self.weights, self.biases = pv[0::2], pv[1::2]
-        self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
+        self.bind_grad(np.zeros(self.n_params, self.dtype) if grad is None else grad)
         self.f = [ACTIVATIONS[activation].f] * (self.n_layers - 1) + [ACTIVATIONS[output].f]
         self.f_prime_times = [ACTIVATIONS[activation].prime_times] * (self.n_layers - 1)
         self.loss = LOSSES[loss]
         self._rows, self._views_B = 0, None
+
+    def bind_grad(self, flat):
+        """Make backward write nabla_w, nabla_b into `flat` (n_params,) from now on (e.g. one buffer per
+        chunk of the batch, so that no chunk's gradient has to be copied out of the way of the next)."""
+        assert flat.shape == (self.n_params,) and flat.dtype == self.dtype
+        self.grad = flat
+        gv = views(flat, self.shapes)
+        self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
 
     # ------------------------------------------------------------ parameters by name
 

@@ -39,9 +39,9 @@ reproducible
     What must match for identical bits: config, seed, comm.chunk, BLAS library/kernel and thread count
     (a chunk's matrix products must round the same on every rank), not the number of ranks.
 
-    Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk), keeps
-    all but its last chunk's gradient (a copy each), reads each chunk for its max, adds M and adds the
-    integers, then converts the result back (about 6 passes over the gradient with one chunk per rank);
+    Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk, each
+    chunk into a buffer of its own), reads each chunk for its max, adds M and adds the integers, then
+    converts the result back (about 5 passes over the gradient with one chunk per rank);
     P > N leaves ranks idle. Memory: ceil(N / P) - 1 gradient-sized copies and one integer accumulator per
     rank. Measured against "fast" in README.md (section "Verify").
 """
@@ -115,8 +115,12 @@ class FastReducer:
         if not self.pieces(batch_size):
             self.buf[:] = 0  # an empty share contributes zeros; otherwise backward overwrites it all
 
+    def piece_buffer(self, index):
+        """Where piece `index` writes its gradient and statistics: self.buf (one piece per rank)."""
+        return self.buf
+
     def add_piece(self, index):
-        """The piece's results are already in self.buf (there is only one piece per rank)."""
+        """The piece's results are already in self.buf."""
 
     def grad_ready(self, offset):
         """buf[offset:n_grad] is final on this rank: start every bucket inside it not yet started."""
@@ -180,19 +184,22 @@ class ReproducibleReducer:
         self._exact_sum[:] = 0
         self.buf[self._exact] = 0  # so that after the pieces they hold only what the caller adds (flags)
 
+    def piece_buffer(self, index):
+        """Where chunk `index` of this rank writes its results: a buffer of its own, kept until the grid
+        is known, except the last chunk, which uses self.buf."""
+        return self._kept[index] if index < self._n_local - 1 else self.buf
+
     def add_piece(self, index):
-        """Note chunk `index`'s largest entries and counts; keep its gradient until the grid is known."""
-        g = self.buf
+        """Note chunk `index`'s largest entries and take its counts."""
+        g = self.piece_buffer(index)
         if self.groups:
             largest = np.maximum.reduceat(g, self._cuts)[self._firsts]
             smallest = np.minimum.reduceat(g, self._cuts)[self._firsts]
             np.maximum(self._max, np.maximum(largest, -smallest), out=self._max)  # NaN stays NaN
-        self._take_exact()
-        if index < self._n_local - 1:
-            np.copyto(self._kept[index], g)
+        self._take_exact(g)
 
     def allreduce(self):
-        self._take_exact()  # what the caller wrote after the last piece (the stop flag), once per rank
+        self._take_exact(self.buf)  # what the caller wrote after the last piece (the stop flag), once per rank
         m = self.comm.allreduce_max_(np.nan_to_num(self._max, nan=math.inf))  # MPI's MAX may drop NaN
         units = [self._unit_exponent(mt) for mt in m]
         magic = [None if e is None else self._magic(e) for e in units]
@@ -217,15 +224,14 @@ class ReproducibleReducer:
         for (lo, hi), e in zip(self.groups, units):
             if e is None:
                 buf[lo:hi] = np.nan
-            else:
-                np.copyto(buf[lo:hi], q[lo:hi], casting="unsafe")  # Q rounded to the dtype, once
-                buf[lo:hi] *= buf.dtype.type(2.0 ** e)  # exact (a power of two) unless subnormal
+            else:  # Q rounded to the dtype, once, times u (exact, a power of two, unless subnormal)
+                np.multiply(q[lo:hi], buf.dtype.type(2.0 ** e), out=buf[lo:hi], dtype=buf.dtype, casting="unsafe")
         buf[self._exact] = q[self._exact]
         return buf
 
-    def _take_exact(self):
-        self._exact_sum += self.buf[self._exact].astype(np.int64)
-        self.buf[self._exact] = 0
+    def _take_exact(self, g):
+        self._exact_sum += g[self._exact].astype(np.int64)
+        g[self._exact] = 0
 
     def _unit_exponent(self, m):
         """e with u = 2^e the grid of a tensor whose largest chunk entry is m; None if m is not finite

@@ -93,17 +93,23 @@ class Trainer:
         Leaves it in model.grad (views nabla_w, nabla_b) and returns the reduced statistics
         (loss sum, correct count, stop flags summed over ranks).
         """
-        model, data, reducer, stats = self.model, self.data, self.reducer, self.stats
+        model, data, reducer, n = self.model, self.data, self.reducer, self.model.n_params
         B = len(idx)
         scale = 1.0 / B if self.divisor_mean else 1.0  # 1/(global B) rides delta^(L): see MLP.backward
         reducer.begin(B)
         for i, (a, b) in enumerate(reducer.pieces(B)):
+            piece = reducer.piece_buffer(i)  # [gradient | statistics] of this piece
+            if piece is not self.buf:
+                model.bind_grad(piece[:n])
             rows = idx[a:b]
             out = model.forward(self._inputs(rows))
             t, labels = data.targets(rows)  # from a data file: reads only these rows
-            stats[LOSS] = model.backward(t, scale, self._ready)
-            stats[CORRECT] = np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0
+            piece[n + LOSS] = model.backward(t, scale, self._ready)
+            piece[n + CORRECT] = np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0
+            if piece is not self.buf:
+                model.bind_grad(self.buf[:n])  # the reduced gradient ends up in self.buf
             reducer.add_piece(i)
+        stats = self.stats
         stats[STOP] = stop
         t0 = time.perf_counter()
         reducer.allreduce()

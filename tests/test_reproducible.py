@@ -73,7 +73,7 @@ def reduce_on(P, batch, chunk, dtype, stops=None, values=chunk_values):
         red = ReproducibleReducer(_ThreadComm(world, rank), N_BUF, dtype, GROUPS, chunk)
         red.begin(batch)
         for i, (a, b) in enumerate(red.pieces(batch)):
-            red.buf[:] = values(a // chunk, dtype)
+            red.piece_buffer(i)[:] = values(a // chunk, dtype)
             red.add_piece(i)
         red.buf[114] = 0 if stops is None else stops[rank]
         results[rank] = red.allreduce().copy()
