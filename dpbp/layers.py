@@ -8,6 +8,7 @@ The seed's w_ij joins unit j of the layer below to unit i of this one, so W has 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -19,9 +20,16 @@ import numpy as np
 # `out`, so a training step allocates nothing proportional to the model.
 
 
+# For net below about -88 (float32) / -709 (float64) e^-net overflows to inf and 1 / (1 + inf) = 0 is the
+# right limit, so NumPy's overflow warning from this module's exp says nothing wrong (real divergence is
+# caught by the trainer's non-finite check, which names the tensor). A filter costs nothing per step,
+# unlike np.errstate around every call.
+warnings.filterwarnings("ignore", message="overflow encountered in exp", category=RuntimeWarning,
+                        module=r"dpbp\.layers$")
+
+
 def sigmoid(net, out):
-    """out = 1 / (1 + e^-net). For net below about -88 (float32) / -709 (float64) e^-net overflows to inf
-    (NumPy warns once) and 1 / (1 + inf) = 0 is the right limit."""
+    """out = 1 / (1 + e^-net); 0 where e^-net overflows (see above)."""
     np.negative(net, out=out)
     np.exp(out, out=out)
     out += 1.0

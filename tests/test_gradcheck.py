@@ -64,3 +64,26 @@ def test_l2_penalty_skips_biases():
     model = MLP([2, 2], "tanh", "identity", "squared_error")
     model.params[:] = 1.0
     assert l2_penalty(model.weights, 2.0) == pytest.approx(0.5 * 2.0 * 4)  # 4 weights, 2 biases left out
+
+
+
+SATURATE = """
+import numpy as np
+from dpbp.layers import sigmoid
+for dtype, big in (("float32", 200.0), ("float64", 1000.0)):
+    net = np.array([[-big, 0.0, big]], dtype)
+    print(sigmoid(net.copy(), np.empty_like(net)).tolist())
+np.exp(np.float64(1000.0))  # elsewhere the overflow warning still applies: an error under -W error
+"""
+
+
+def test_sigmoid_saturates_quietly_at_the_overflow_limit():
+    """e^-net overflows for very negative net: the output is the limit 0, without the warning that every
+    rank would print, while overflow outside dpbp.layers still warns."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", SATURATE],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["[[0.0,", "0.5,", "1.0]]"] * 2, proc.stderr
+    assert proc.returncode != 0 and "overflow encountered in exp" in proc.stderr
+    assert proc.stderr.count("overflow") == 1 and "<string>" in proc.stderr  # only the __main__ one
