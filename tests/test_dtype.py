@@ -11,6 +11,7 @@ import pytest
 from dpbp.comm import SerialComm
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
+from dpbp.data.dataset import make_dataset
 from dpbp.train import Trainer
 
 
@@ -33,10 +34,13 @@ class SpyComm(SerialComm):
         return super().iallreduce_sum_(buf)
 
 
-def make(*sets, batch=32, size=1):
+def make(*sets, batch=32, size=1, x_dtype=None):
+    """x_dtype: store the inputs in this dtype instead (as a data file of another dtype would)."""
     cfg = load_config(None, ["model.sizes=[20,64,48,10]", "data.name='random'", f"data.batch_size={batch}",
                              "data.val_fraction=0.0", *sets])
     data, _ = load_data(cfg)
+    if x_dtype is not None:
+        data = make_dataset(data.x.astype(x_dtype), data.labels, 20, 10, "float64 copy")
     comm = SpyComm(size)
     return Trainer(cfg, comm, data), data, comm
 
@@ -49,12 +53,14 @@ def batches(data, batch, n):
                                                     ("sigmoid", "sigmoid", "squared_error"),
                                                     ("tanh", "softmax", "squared_error")])
 @pytest.mark.parametrize("bucket_mb", [0.0, 0.004])
-def test_float32_model_keeps_every_array_float32(activation, output, loss, bucket_mb):
+@pytest.mark.parametrize("x_dtype", [None, np.float64])  # built-in data come in the model's dtype; a file may not
+def test_float32_model_keeps_every_array_float32(activation, output, loss, bucket_mb, x_dtype):
     trainer, data, comm = make("model.dtype='float32'", f"model.activation='{activation}'",
                                f"model.output='{output}'", f"loss.kind='{loss}'", "loss.l2=1e-3",
-                               f"comm.bucket_mb={bucket_mb}", size=2)
+                               f"comm.bucket_mb={bucket_mb}", size=2, x_dtype=x_dtype)
     assert bool(trainer.reducer.buckets) == (bucket_mb > 0)
-    assert data.x.dtype == np.float64  # the data stay as loaded; the model casts each batch on the way in
+    # float64 inputs stay as loaded; the model casts each batch on the way in
+    assert data.x.dtype == (np.float32 if x_dtype is None else np.float64)
     for idx in batches(data, 32, 3):
         trainer.step(idx)
     model = trainer.model

@@ -179,7 +179,9 @@ def open_sets(cfg, need_targets=True):
     else:
         name = cfg["data.name"]
         x, y = builtin(name, n_in, n_out, cfg["seed"])
-        train = make_dataset(np.asarray(x), np.asarray(y) if need_targets else None, n_in, n_out,
+        # In the model's dtype from the start: the model would round every batch to it anyway (the same
+        # values), and a float32 model then gathers its batch with one copy and no cast.
+        train = make_dataset(np.asarray(x, cfg["model.dtype"]), np.asarray(y) if need_targets else None, n_in, n_out,
                              f"built-in data {name!r}")
     val = None
     if cfg["data.val_path"] and need_targets:
