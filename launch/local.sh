@@ -11,7 +11,7 @@
 #     socket), each with that node's cores as BLAS threads. Within one memory domain BLAS
 #     threads beat extra ranks: every rank repeats the whole SGD update, and the Allreduce
 #     through shared memory takes CPU time from the same cores. Measured on 2 cores (one
-#     node), benchmark model, eight runs: 1 rank x 2 threads 7.96-10.21 ms per step, 2 ranks
+#     node), benchmark model, nine runs: 1 rank x 2 threads 7.96-10.21 ms per step, 2 ranks
 #     x 1 thread 9.87-10.56 ms (python -m dpbp.bench, README "Performance").
 #   * Runs `mpirun -n P python -m dpbp.train --config CONFIG --resume RUN_DIR [options]`
 #     with DPBP_EXPECT_WORLD_SIZE=P, so a launch that does not form one P-rank MPI world
