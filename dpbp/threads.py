@@ -4,12 +4,14 @@ OpenBLAS starts one thread per core in every process. With several ranks on a no
 cores, and its spinning threads then crowd each other out: the benchmark model at ``mpirun -n 2`` on 2 cores
 ran 12x slower (1,320 against 15,900 samples/s) until each rank used one thread. BLAS libraries read their
 thread count once, when they load, so this runs on ``import dpbp`` (before dpbp imports numpy) and only sets
-environment variables. Standard library only.
+environment variables (or, if numpy was imported first, sets the BLAS pool with threadpoolctl when that
+is installed). Standard library only otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # How launchers tell a process how many ranks share its node: MPICH's Hydra and Intel MPI, Open MPI.
@@ -43,7 +45,14 @@ def apply_default(environ=os.environ):
     except (AttributeError, OSError):  # not on Linux
         usable = os.cpu_count() or 1
     threads = default_blas_threads(environ, usable, os.cpu_count() or usable)
-    if threads is not None:
-        for k in THREAD_VARIABLES:
-            environ[k] = str(threads)
+    if threads is None:
+        return None
+    for k in THREAD_VARIABLES:
+        environ[k] = str(threads)
+    if "numpy" in sys.modules:  # too late for the variables (a script imported numpy first): set the pool itself
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return threads
+        threadpool_limits(limits=threads, user_api="blas")
     return threads

@@ -49,3 +49,15 @@ def test_under_mpirun_numpy_uses_the_chosen_threads():
     expected = max(1, cores // 2) if len(os.sched_getaffinity(0)) == cores else len(os.sched_getaffinity(0))
     assert _probe({}, 2) == [f"{expected} {expected}"] * 2
     assert _probe({"OPENBLAS_NUM_THREADS": "2"}, 2) == ["2 2"] * 2
+
+
+def test_numpy_imported_before_dpbp_gets_the_threads_too():
+    """Then the variables come too late for OpenBLAS; dpbp sets the loaded pool through threadpoolctl."""
+    cores = os.cpu_count()
+    expected = max(1, cores // 2) if len(os.sched_getaffinity(0)) == cores else len(os.sched_getaffinity(0))
+    numpy_first = PROBE.replace("import dpbp, os, numpy;", "import numpy, os, dpbp;")
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    proc = subprocess.run([mpirun_exe(), "-n", "2", sys.executable, "-c", numpy_first],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{expected} {expected}"] * 2
