@@ -22,8 +22,10 @@ def default_blas_threads(environ, usable_cores, total_cores):
     """Threads per rank to set, or None to leave the environment alone.
 
     None when the user set any thread variable, or when no launcher says how many ranks share the node
-    (a single process keeps the BLAS default: all cores). If the launcher bound this rank to fewer cores
-    than the machine has, those cores are its own; otherwise the ranks split the node's cores evenly.
+    (a single process keeps the BLAS default: all cores). Otherwise the cores this rank may run on, split
+    evenly among the node's ranks. That never oversubscribes: if the ranks were bound to separate cores it
+    can leave some idle (set OMP_NUM_THREADS then), but bound to a socket or restricted by a container, the
+    ranks share the cores they see, and giving each all of them would start ranks x cores threads.
     """
     if any(environ.get(k) for k in THREAD_VARIABLES):
         return None
@@ -34,9 +36,7 @@ def default_blas_threads(environ, usable_cores, total_cores):
         return None
     if not local or local < 1:
         return None
-    if usable_cores < total_cores:
-        return max(1, usable_cores)
-    return max(1, total_cores // local)
+    return max(1, min(usable_cores, total_cores) // local)
 
 
 def apply_default(environ=os.environ):
