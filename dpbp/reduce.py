@@ -42,8 +42,8 @@ reproducible
     Cost: a rank computes chunk by chunk (smaller matrix products, one gradient write per chunk, each
     chunk into a buffer of its own), reads each chunk for its max, adds M and adds the integers, then
     converts the result back (about 6 passes over the gradient with one chunk per rank);
-    P > N leaves ranks idle. Memory: ceil(N / P) - 1 gradient-sized copies and one integer accumulator per
-    rank. Measured against "fast" in README.md (section "Verify").
+    P > N leaves ranks idle. Memory: ceil(N / P) - 1 gradient-sized chunk buffers and one integer accumulator
+    per rank. Measured against "fast" in README.md (section "Verify").
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class FastReducer:
     """One piece per rank, then the float buffer summed over ranks by MPI, in place.
 
     Without buckets: ONE blocking Allreduce of the whole buffer after backward.
-    With ``use_buckets`` (comm.bucket_mb, when the gradient makes at least two buckets): backward reports each layer as soon as its gradient is final (the last layer
-    first; the buffer holds layer 0 first, so what is final is always a tail of the gradient). The
+    With ``use_buckets`` (comm.bucket_mb, when the gradient makes at least two buckets): backward reports
+    each layer as soon as its gradient is final (the last layer first; the buffer holds layer 0 first, so
+    what is final is always a tail of the gradient). The
     gradient is cut at layer boundaries into buckets of at least ``bucket_bytes``, from the end; each
     bucket's non-blocking Iallreduce starts as soon as it is final, so reducing the later layers can
     overlap the backward of the earlier ones. ``allreduce`` starts what is left, reduces the statistics
