@@ -73,10 +73,9 @@ class FastReducer:
     Without buckets: ONE blocking Allreduce of the whole buffer after backward.
     With ``use_buckets`` (comm.bucket_mb, when the gradient makes at least two buckets): backward reports
     each layer as soon as its gradient is final (the last layer first; the buffer holds layer 0 first, so
-    what is final is always a tail of the gradient). The
-    gradient is cut at layer boundaries into buckets of at least ``bucket_bytes``, from the end; each
-    bucket's non-blocking Iallreduce starts as soon as it is final, so reducing the later layers can
-    overlap the backward of the earlier ones. ``allreduce`` starts what is left, reduces the statistics
+    what is final is always a tail of the gradient). The gradient is cut at layer boundaries into buckets
+    of at least ``bucket_bytes``, from the end; each bucket's non-blocking Iallreduce starts as soon as it
+    is final, so reducing the later layers can overlap the backward of the earlier ones. ``allreduce`` starts what is left, reduces the statistics
     after the gradient and waits for all. Every rank issues the same buckets in the same order (an idle
     rank starts them all in ``allreduce``).
     """
