@@ -42,6 +42,7 @@ from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.errors import UserError
 from dpbp.model import initial_params
+from dpbp.progress import numpy_blas_pool
 from dpbp.train import Trainer
 
 _COMMON = ["data.val_fraction=0.0", "loss.l2=0.0", "train.steps=1"]
@@ -364,15 +365,10 @@ def machine_lines(comm, torch):
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    blas = "BLAS unknown (threadpoolctl missing)"
-    try:
-        from threadpoolctl import threadpool_info
-        for pool in threadpool_info():
-            if pool.get("user_api") == "blas":
-                blas = (f"{pool.get('internal_api')} {pool.get('version')} kernel {pool.get('architecture')} "
-                        f"({pool.get('threading_layer')})")
-    except ImportError:
-        pass
+    pool = numpy_blas_pool()
+    blas = "BLAS unknown (threadpoolctl missing)" if pool is None else (
+        f"{pool.get('internal_api')} {pool.get('version')} kernel {pool.get('architecture')} "
+        f"({pool.get('threading_layer')})")
     env = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ)
     load = "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     return [f"machine: {cpu}, {os.cpu_count()} cores, {load} | python {platform.python_version()}, "

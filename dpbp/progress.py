@@ -216,18 +216,25 @@ def rank_shares(batch, size, mode, chunk):
     return [sum(b - a for a, b in chunk_pieces(batch, chunk, r, size)) for r in range(size)]
 
 
-def blas_info():
-    """The BLAS numpy calls and its thread count (threadpoolctl if installed, else numpy's config)."""
+def numpy_blas_pool():
+    """threadpoolctl's record of the BLAS numpy calls, or None (threadpoolctl missing or no BLAS found).
+
+    scipy (pulled in by scikit-learn) may load a second BLAS; numpy's is the one training uses.
+    """
     try:
         from threadpoolctl import threadpool_info
-        pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-        # scipy (pulled in by scikit-learn) may load a second BLAS; numpy's is the one training uses.
-        pools.sort(key=lambda p: "numpy" not in p.get("filepath", ""))
-        for pool in pools[:1]:
-                n = pool.get("num_threads")
-                return f"BLAS {pool.get('internal_api')} {pool.get('version')} {n} thread{'s' if n != 1 else ''}"
     except ImportError:
-        pass
+        return None
+    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    return min(pools, key=lambda p: "numpy" not in p.get("filepath", ""), default=None)
+
+
+def blas_info():
+    """The BLAS numpy calls and its thread count (threadpoolctl if installed, else numpy's config)."""
+    pool = numpy_blas_pool()
+    if pool is not None:
+        n = pool.get("num_threads")
+        return f"BLAS {pool.get('internal_api')} {pool.get('version')} {n} thread{'s' if n != 1 else ''}"
     name = "unknown"
     try:
         import numpy as np
