@@ -18,7 +18,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
-def default_blas_threads(environ, usable_cores, total_cores):
+def default_blas_threads(environ, usable_cores):
     """Threads per rank to set, or None to leave the environment alone.
 
     None when the user set any thread variable, or when no launcher says how many ranks share the node
@@ -36,7 +36,7 @@ def default_blas_threads(environ, usable_cores, total_cores):
         return None
     if not local or local < 1:
         return None
-    return max(1, min(usable_cores, total_cores) // local)
+    return max(1, usable_cores // local)
 
 
 def apply_default(environ=os.environ):
@@ -44,7 +44,7 @@ def apply_default(environ=os.environ):
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         usable = os.cpu_count() or 1
-    threads = default_blas_threads(environ, usable, os.cpu_count() or usable)
+    threads = default_blas_threads(environ, usable)
     if threads is None:
         return None
     for k in THREAD_VARIABLES:
