@@ -18,13 +18,12 @@ import sys
 
 import numpy as np
 
-from dpbp import checkpoint as ckpt
 from dpbp.cli import ArgumentParser, agree, parse_args, run, say
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.errors import UserError
-from dpbp.model import MLP, param_names, param_shapes
-from dpbp.train import held_out
+from dpbp.model import MLP
+from dpbp.train import held_out, starting_params
 
 
 def add_run_arguments(p, data_help):
@@ -62,10 +61,9 @@ def _load_run(args):
         raise UserError(f"no --config given and no config.toml next to {args.params}; pass the run's config "
                         f"with --config")
     cfg = load_config(config, data_overrides(args.data) + args.set)
-    sizes = cfg["model.sizes"]
-    params = ckpt.load_params(args.params, param_names(len(sizes) - 1), param_shapes(sizes))
-    model = MLP(sizes, cfg["model.activation"], cfg["model.output"], cfg["loss.kind"], cfg["model.dtype"])
-    model.load(params)
+    model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"], cfg["loss.kind"],
+                cfg["model.dtype"])
+    model.load(starting_params(cfg, args.params))
     return cfg, model
 
 

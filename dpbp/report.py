@@ -22,6 +22,7 @@ from dpbp import cli
 from dpbp.cli import ArgumentParser, parse_args
 from dpbp.config import OPTIONS, load_config, _toml_value
 from dpbp.errors import UserError
+from dpbp.progress import comm_share
 
 
 @dataclass
@@ -92,7 +93,7 @@ def step_times(rec):
     so a step of B samples took B / samples_per_s seconds, comm_s / step_s of it in the Allreduce.
     """
     per_step = rec["batch"] / rec["samples_per_s"] if rec.get("samples_per_s") else math.nan
-    share = rec["comm_s"] / rec["step_s"] if rec.get("step_s") else 0.0
+    share = comm_share(rec)
     return per_step * (1 - share), per_step * share
 
 
