@@ -42,13 +42,11 @@ class StopRequest:
 
     def __init__(self):
         self.flag = 0.0
-        self.signal_name = None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):  # idempotent: mpirun forwards a signal to every rank it starts
         self.flag = 1.0
-        self.signal_name = signal.Signals(signum).name
 
 
 # ---------------------------------------------------------------- replica check
@@ -100,17 +98,17 @@ class FaultInjector:
         except ValueError:
             raise UserError(f"DPBP_STEP_SLEEP={sleep!r} is not a number of seconds") from None
 
-    def before_step(self, step, trainer, idx):
+    def before_step(self, step, trainer):
         if self.sleep:
             time.sleep(self.sleep)
         if not self.faults:
             return
         for what in FAULTS:
             if (step, what) in self.faults:
-                self._do(what, step, trainer, idx)
+                self._do(what, step, trainer)
 
     @staticmethod
-    def _do(what, step, trainer, idx):
+    def _do(what, step, trainer):
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif what == "term":

@@ -306,10 +306,11 @@ def main(argv, comm):
     loss_acc = correct_acc = seen_acc = 0.0
     step = start
     n = len(train_data)
+    val_rec = None  # the newest held-out evaluation
     try:
         while step < steps:
             idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
-            faults.before_step(step, trainer, idx)
+            faults.before_step(step, trainer)
             stats = trainer.step(idx, stop.flag)
             loss = trainer.loss_value(stats, len(idx))
             if not math.isfinite(loss) or not all_finite(model.grad):
@@ -333,7 +334,6 @@ def main(argv, comm):
                 comm.barrier()
                 progress.say(f"stop requested by a signal: checkpoint at step {step} written to {run_dir}; "
                              f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)
-                progress.close()
                 return EXIT_PREEMPTED
             if step % cfg["train.log_every"] == 0 or step == steps or args.verbose:
                 now = time.perf_counter()
@@ -348,7 +348,8 @@ def main(argv, comm):
                 loss_acc = correct_acc = seen_acc = 0.0
             if val_data is not None and ((cfg["train.eval_every"] and step % cfg["train.eval_every"] == 0)
                                          or step == steps):
-                progress.record(eval_record(trainer, val_data, comm, step, epoch))
+                val_rec = eval_record(trainer, val_data, comm, step, epoch)
+                progress.record(val_rec)
             if checkpoint_due:
                 save_checkpoint(comm, trainer, run_dir, step)
     finally:
@@ -357,7 +358,8 @@ def main(argv, comm):
     final = os.path.join(run_dir, "final.npz")
     if comm.rank == 0:
         ckpt.save(final, params_dict(model), {"step": step, "dpbp": __version__})
-    val_rec = eval_record(trainer, val_data, comm, step, None) if val_data is not None else None
+    if val_data is not None and (val_rec is None or val_rec["step"] != step):  # e.g. resumed at the end
+        val_rec = eval_record(trainer, val_data, comm, step, None)
     progress.summary(step - start, step, wall, val_rec, final)
     return 0
 
