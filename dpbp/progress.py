@@ -41,8 +41,7 @@ class Progress:
         self.bar = None
         self.last_train = self.last_val = None  # the newest records, for the bar and the summary
         self.samples = 0  # trained on in this session, for the summary's samples/s
-        if self.active:
-            os.makedirs(run_dir, exist_ok=True)
+        if self.active:  # run_dir exists: train.choose_run_dir made and checked it
             # Appending keeps the history of a resumed or requeued run in one file.
             self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a" if resume else "w")
             self._resume = resume
