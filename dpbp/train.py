@@ -24,7 +24,7 @@ from dpbp import __version__
 from dpbp import checkpoint as ckpt
 from dpbp.cli import ArgumentParser, parse_args, run
 from dpbp.config import load_config, to_toml, trajectory_hash, trajectory_items
-from dpbp.data import batch_indices, batches_per_epoch, epoch_order, load_data
+from dpbp.data import batch_indices, batches_per_epoch, epoch_order, epoch_position, load_data
 from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.losses import finish_gradient, l2_penalty
@@ -424,7 +424,7 @@ def save_checkpoint(comm, trainer, run_dir, step):
     if comm.rank != 0:
         return
     cfg, n = trainer.cfg, len(trainer.data)
-    epoch, position = divmod(step, batches_per_epoch(n, cfg["data.batch_size"], cfg["data.drop_last"]))
+    epoch, position = epoch_position(n, cfg["data.batch_size"], step, cfg["data.drop_last"])
     arrays = params_dict(trainer.model)
     for name, value in trainer.opt.state().items():
         arrays[f"optim.{name}"] = value.copy()

@@ -11,7 +11,7 @@ Imports only numpy and the stdlib (scikit-learn lazily, for digits).
 
 from dpbp.data.builtin import builtin
 from dpbp.data.dataset import Dataset, check_values, load_data, load_npz, make_dataset, split, to_dataset
-from dpbp.data.sampler import batch_indices, batches_per_epoch, epoch_order
+from dpbp.data.sampler import batch_indices, batches_per_epoch, epoch_order, epoch_position
 
 __all__ = ["Dataset", "batch_indices", "batches_per_epoch", "builtin", "check_values", "epoch_order",
-           "load_data", "load_npz", "make_dataset", "split", "to_dataset"]
+           "epoch_position", "load_data", "load_npz", "make_dataset", "split", "to_dataset"]

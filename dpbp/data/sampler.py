@@ -28,16 +28,21 @@ def epoch_order(n, seed, epoch, shuffle):
     return order
 
 
+def epoch_position(n, batch_size, step, drop_last):
+    """(epoch, batch within the epoch) of global step `step`."""
+    per_epoch = batches_per_epoch(n, batch_size, drop_last)
+    if per_epoch == 0:
+        raise UserError(f"data.batch_size = {batch_size} is larger than the {n} training samples "
+                        f"and data.drop_last = true leaves no batch")
+    return divmod(step, per_epoch)
+
+
 def batch_indices(n, batch_size, seed, step, shuffle, drop_last):
     """Global sample indices of global step `step` (counting from 0), with its epoch.
 
     Steps walk through epochs in order; every sample is used exactly once per epoch, the last partial
     batch included unless drop_last. A pure function, so resuming at any step needs no saved state.
     """
-    per_epoch = batches_per_epoch(n, batch_size, drop_last)
-    if per_epoch == 0:
-        raise UserError(f"data.batch_size = {batch_size} is larger than the {n} training samples "
-                        f"and data.drop_last = true leaves no batch")
-    epoch, i = divmod(step, per_epoch)
+    epoch, i = epoch_position(n, batch_size, step, drop_last)
     order = epoch_order(n, seed, epoch, shuffle)
     return order[i * batch_size:(i + 1) * batch_size], epoch
