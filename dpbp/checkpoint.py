@@ -166,7 +166,7 @@ def load_params(path, names, shapes):
     if missing:
         raise UserError(f"{path}: no array named {missing[0]!r} (expected {', '.join(names)})")
     params = {}
-    for name, shape in expected.items():
+    for name in names:
         a = arrays[name]
         if a.dtype.kind not in "fiu":
             raise UserError(f"{path}: {name} has dtype {a.dtype}, expected floating point numbers")

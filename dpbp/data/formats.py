@@ -277,8 +277,9 @@ def read_file(path, targets_path, target_columns, need_targets, role="data"):
     kind = sniff(path, where)
     y = None
     if kind == "npz":
-        arrays, names = read_npz(path, where, ("x", "y") if need_targets else ("x",))
-        missing = [k for k in ("x", "y") if k not in arrays and (k == "x" or need_targets)]
+        wanted = ("x", "y") if need_targets else ("x",)
+        arrays, names = read_npz(path, where, wanted)
+        missing = [k for k in wanted if k not in arrays]
         if missing:
             raise UserError(f"{where} has no array named {missing[0]!r} (it has: {', '.join(names) or 'none'}); "
                             f"expected x and y")
