@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,13 @@ def dpbp(module, *args, ranks=None, timeout=180, env=None, check=False, cwd=REPO
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def metrics(run_dir):
+    """(training records, held-out records) of a run's metrics.jsonl, in file order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [r for r in lines if "split" not in r], [r for r in lines if r.get("split") == "val"]
 
 
 def load_params(path):

@@ -22,7 +22,7 @@ from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.data.rows import FileRows
 from dpbp.errors import UserError
-from tests.conftest import load_params
+from tests.conftest import load_params, metrics
 
 N, FEATURES, CLASSES = 60, 4, 3
 
@@ -338,7 +338,7 @@ def test_training_on_idx_files_equals_training_on_the_same_npz(run_cli, tmp_path
     a, b = load_params(tmp_path / "a/final.npz"), load_params(tmp_path / "b/final.npz")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    val = [json.loads(line) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    _, val = metrics(tmp_path / "b")
     assert [r["step"] for r in val] == [10, 20, 30] and all(0 <= r["accuracy"] <= 1 for r in val)
     assert os.path.exists(tmp_path / "b/config.toml")
 

@@ -6,13 +6,12 @@ softmax output, mean cross-entropy + lambda/2 sum ||W||^2), run on the saved par
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 import pytest
 
-from tests.conftest import load_params
+from tests.conftest import load_params, metrics
 
 FEATURES, CLASSES, L2 = 4, 3, 1e-4
 
@@ -62,8 +61,7 @@ def run(tmp_path_factory):
 
 def test_training_evaluates_the_held_out_set_every_eval_every_steps(run):
     folder, proc = run
-    records = [json.loads(line) for line in (folder / "run/metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if r.get("split") == "val"]
+    _, val = metrics(folder / "run")
     assert [r["step"] for r in val] == [10, 20, 30, 40]
     assert proc.stdout.count("val_loss") >= 4, proc.stdout  # also in the log
     loss, accuracy, _ = expected_figures(load_params(folder / "run/final.npz"), np.load(folder / "test_x.npy"),

@@ -17,18 +17,13 @@ import time
 import pytest
 
 from dpbp.progress import rank_shares
-from tests.conftest import REPO, mpirun_exe
+from tests.conftest import REPO, metrics, mpirun_exe
 
 SIZES = [2, 16, 2]
 SMALL = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", f"model.sizes={SIZES}",
          "--set", "train.steps=20", "--set", "data.batch_size=9", "--set", "train.log_every=5",
          "--set", "train.eval_every=10"]
 STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+) accuracy (\S+) samples/s (\d+) allreduce (\S+)%$")
-
-
-def records(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "split" not in r], [r for r in lines if r.get("split") == "val"]
 
 
 def mpi_library():
@@ -45,7 +40,7 @@ def test_plain_lines_off_a_terminal(run_cli, tmp_path):
     assert "\r" not in proc.stdout and "\r" not in proc.stderr
     assert proc.stderr == ""  # rank 1 prints nothing, rank 0 has nothing to warn about
     lines = proc.stdout.splitlines()
-    train, val = records(out)
+    train, val = metrics(out)
     step_lines = [STEP_LINE.match(line) for line in lines if line.startswith("step ")]
     assert all(step_lines) and [int(m.group(1)) for m in step_lines] == [5, 10, 15, 20]
     assert [m.group(3) for m in step_lines] == [f"{r['loss']:.6g}" for r in train]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpbp.report import load_run, step_times
-from tests.conftest import REPO, dpbp
+from tests.conftest import REPO, dpbp, metrics
 
 SMALL = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", "train.steps=60",
          "--set", "data.batch_size=16", "--set", "train.log_every=10", "--set", "train.eval_every=20",
@@ -26,11 +26,6 @@ def runs(tmp_path_factory):
     dpbp("train", *SMALL, "--out", root / "one", check=True, env={"DPBP_SERIAL": "1"})
     dpbp("train", *SMALL, "--out", root / "two", ranks=2, check=True)
     return root / "one", root / "two"
-
-
-def metrics(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "split" not in r], [r for r in lines if r.get("split") == "val"]
 
 
 def picture(path):

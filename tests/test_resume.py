@@ -6,7 +6,6 @@ reproducible reduce: bitwise whatever the number of ranks, before and after the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -15,7 +14,7 @@ import pytest
 
 from dpbp.checkpoint import list_checkpoints
 from dpbp.errors import EXIT_USAGE
-from tests.conftest import load_params
+from tests.conftest import load_params, metrics
 from tests.jobs import Job, assert_bitwise_equal, error_lines, small
 
 STEPS = 60
@@ -64,8 +63,8 @@ def test_fast_kill_and_resume_on_the_same_ranks_is_bitwise(tmp_path, fast4, rank
     assert "resum" in out and "warning" not in err, (out, err)
     assert_bitwise_equal(out_dir / "final.npz", whole / "final.npz")
     # metrics.jsonl reads as one run: the records after step 30 that the killed job wrote are replaced
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "split" not in r] == list(range(5, STEPS + 1, 5)), records
+    train, _ = metrics(out_dir)
+    assert [r["step"] for r in train] == list(range(5, STEPS + 1, 5)), train
 
 
 @pytest.mark.timeout(240)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, load_params
+from tests.conftest import REPO, load_params, metrics
 
 SPIRALS = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", "train.steps=100",
            "--set", "data.batch_size=10", "--set", "train.log_every=25", "--set", "train.eval_every=50",
@@ -20,9 +19,7 @@ def test_outputs_of_a_run(run_cli, tmp_path):
     run_cli("train", *SPIRALS, "--out", out, check=True)
     names = sorted(os.listdir(out))
     assert {"config.toml", "metrics.jsonl", "final.npz"} <= set(names)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in lines if "split" not in r]
-    val = [r for r in lines if r.get("split") == "val"]
+    train, val = metrics(out)
     assert [r["step"] for r in train] == [25, 50, 75, 100]
     assert all({"step", "epoch", "loss", "samples_per_s", "comm_s", "accuracy"} <= set(r) for r in train)
     assert [r["step"] for r in val] == [50, 100] and all(0 <= r["accuracy"] <= 1 for r in val)
@@ -42,8 +39,7 @@ def test_ranks_agree_with_one_process(run_cli, tmp_path, ranks):
 
 def test_default_job_learns_digits(run_cli, tmp_path):
     proc = run_cli("train", "--out", tmp_path / "d", "--quiet", check=True)
-    val = [json.loads(line) for line in (tmp_path / "d/metrics.jsonl").read_text().splitlines()
-           if '"val"' in line]
+    _, val = metrics(tmp_path / "d")
     assert val[-1]["accuracy"] >= 0.95, proc.stdout
 
 
