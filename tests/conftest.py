@@ -19,17 +19,21 @@ def mpirun_exe():
     return here if os.path.exists(here) else "mpirun"
 
 
+def clean_env(env=None):
+    """This environment for a dpbp command under test: no fault-injection hooks left over from the
+    caller, 1 BLAS thread unless set, then `env` on top."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("DPBP_FAULT", "DPBP_STEP_SLEEP")}
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return full_env
+
+
 def dpbp_command(module, *args, ranks=None, env=None):
     """(argv, environment) that run `python -m dpbp.<module> args`, under `mpirun -n ranks` if given."""
     cmd = [sys.executable, "-m", f"dpbp.{module}", *map(str, args)]
     if ranks is not None:
         cmd = [mpirun_exe(), "-n", str(ranks), *cmd]
-    full_env = dict(os.environ)
-    for hook in ("DPBP_FAULT", "DPBP_STEP_SLEEP"):
-        full_env.pop(hook, None)
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env.update(env or {})
-    return cmd, full_env
+    return cmd, clean_env(env)
 
 
 def dpbp(module, *args, ranks=None, timeout=180, env=None, check=False, cwd=REPO):

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, clean_env
 from tests.jobs import assert_bitwise_equal, small
 
 SCRIPT = os.path.join(REPO, "launch/local.sh")
 
 
 def local_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DPBP_FAULT", "OMP_", "OPENBLAS_NUM"))}
+    env = {k: v for k, v in clean_env().items() if not k.startswith(("OMP_", "OPENBLAS_NUM"))}  # local.sh chooses
     env.update(DPBP_PYTHON=sys.executable, DPBP_MPIRUN=os.path.join(os.path.dirname(sys.executable), "mpirun"))
     return env
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from dpbp.progress import rank_shares
-from tests.conftest import REPO, metrics, mpirun_exe
+from tests.conftest import REPO, clean_env, metrics, mpirun_exe
 
 SIZES = [2, 16, 2]
 SMALL = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", f"model.sizes={SIZES}",
@@ -91,9 +91,9 @@ def run_in_terminal(argv, env=None, timeout=180):
     attrs = termios.tcgetattr(slave)
     attrs[1] &= ~termios.ONLCR
     termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    full_env = {k: v for k, v in os.environ.items() if k not in ("DPBP_PROGRESS", "DPBP_FAULT")}
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env.update(env or {})
+    full_env = clean_env(env)
+    if "DPBP_PROGRESS" not in (env or {}):
+        full_env.pop("DPBP_PROGRESS", None)
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=full_env, cwd=REPO,
                             start_new_session=True)
     os.close(slave)

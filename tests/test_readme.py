@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from dpbp.config import README_BEGIN, README_END, reference_markdown
-from tests.conftest import REPO, dpbp, mpirun_exe
+from tests.conftest import REPO, clean_env, dpbp, mpirun_exe
 
 README = os.path.join(REPO, "README.md")
 SHORT = {"dpbp.train": ["--set", "train.steps=20"],
@@ -121,9 +121,7 @@ def test_every_exemption_names_one_readme_command():
 @pytest.mark.parametrize("command,status", RUNNABLE, ids=[f"{i:02d}" for i in range(len(RUNNABLE))])
 def test_readme_command_runs(scratch, command, status):
     argv, changes = argv_for(command)
-    env = dict(os.environ)
-    env.pop("DPBP_FAULT", None)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = clean_env()
     for name, value in changes.items():
         if value is None:
             env.pop(name, None)
