@@ -160,19 +160,18 @@ def report_predictions(alpha, beta, compute, compute_100m, dtype_bytes, out):
         how = "scaled from --compute by the parameter count"
     else:
         how = "given"
-    for (name, n_params), comp, note in zip(MODELS, (compute, compute_100m), ("given", how)):
-        compute = comp
+    for (name, n_params), t_compute, note in zip(MODELS, (compute, compute_100m), ("given", how)):
         n_bytes = n_params * dtype_bytes
         print(f"\n{name}: {n_params:,} parameters x {dtype_bytes} B = {n_bytes / 1e6:.2f} MB of gradient; "
-              f"compute {compute:.4g} s per step on one rank ({note})", file=out)
+              f"compute {t_compute:.4g} s per step on one rank ({note})", file=out)
         print(f"{'ranks':>6} {'allreduce':>11} | {'strong: step':>12} {'speed-up':>9} {'efficiency':>10} | "
               f"{'weak: step':>11} {'efficiency':>10}", file=out)
         for P in RANKS:
             comm_t = predict(alpha, beta, P, n_bytes)
-            strong = compute / P + comm_t
-            weak = compute + comm_t
-            print(f"{P:>6} {fmt_time(comm_t):>11} | {fmt_time(strong):>12} {compute / strong:>9.2f} "
-                  f"{compute / (P * strong):>10.1%} | {fmt_time(weak):>11} {compute / weak:>10.1%}", file=out)
+            strong = t_compute / P + comm_t
+            weak = t_compute + comm_t
+            print(f"{P:>6} {fmt_time(comm_t):>11} | {fmt_time(strong):>12} {t_compute / strong:>9.2f} "
+                  f"{t_compute / (P * strong):>10.1%} | {fmt_time(weak):>11} {t_compute / weak:>10.1%}", file=out)
 
 
 def main(argv=None):
