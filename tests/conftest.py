@@ -20,9 +20,10 @@ def mpirun_exe():
 
 
 def clean_env(env=None):
-    """This environment for a dpbp command under test: no fault-injection hooks left over from the
-    caller, 1 BLAS thread unless set, then `env` on top."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("DPBP_FAULT", "DPBP_STEP_SLEEP")}
+    """This environment for a dpbp command under test: no fault-injection hooks or world-size check left
+    over from the caller, 1 BLAS thread unless set, then `env` on top."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("DPBP_FAULT", "DPBP_STEP_SLEEP", "DPBP_EXPECT_WORLD_SIZE")}
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     return full_env

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dpbp import checkpoint as ckpt
+from tests.conftest import dpbp
+from tests.jobs import assert_bitwise_equal
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm.sbatch"
@@ -42,19 +42,6 @@ def job_env(**extra) -> dict:
            "OMP_NUM_THREADS": "1"}
     env.update(extra)
     return env
-
-
-def params(path: Path) -> dict:
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files if k.startswith("layers.")}
-
-
-def assert_bitwise_equal(path: Path, ref: dict) -> None:
-    got = params(path)
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
-        assert got[k].tobytes() == ref[k].tobytes(), f"{k} differs from the plain mpirun run"
 
 
 def ckpt_steps(run_dir: Path) -> list[int]:
@@ -89,18 +76,11 @@ def no_ranks_left(run_dir: Path) -> bool:
     return p.stdout.strip() == ""
 
 
-def plain_mpirun(sets, out: Path) -> dict:
-    """The uninterrupted run under plain `mpirun -n 4` (no Slurm involved)."""
-    mpirun = shutil.which("mpirun", path=BIN + os.pathsep + os.environ.get("PATH", ""))
-    assert mpirun, "mpirun not found next to the interpreter or on PATH"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    for k in ("DPBP_EXPECT_WORLD_SIZE", "DPBP_STEP_SLEEP", "DPBP_FAULT"):
-        env.pop(k, None)
-    cmd = [mpirun, "-n", "4", sys.executable, "-m", "dpbp.train", "--config", str(CONFIG), *sets,
-           "--out", str(out), "--quiet"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
-    assert p.returncode == 0, f"{cmd}: {p.returncode}\n{p.stdout}\n{p.stderr}"
-    return params(out / "final.npz")
+def plain_mpirun(sets, out: Path) -> Path:
+    """final.npz of the uninterrupted run under plain `mpirun -n 4` (no Slurm involved)."""
+    dpbp("train", "--config", CONFIG, *sets, "--out", out, "--quiet", ranks=4, timeout=120, check=True,
+         env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    return out / "final.npz"
 
 
 @pytest.fixture(scope="module")
