@@ -53,6 +53,12 @@ def metrics(run_dir):
     return [r for r in lines if "split" not in r], [r for r in lines if r.get("split") == "val"]
 
 
+def rchar():
+    """Bytes this process has read through system calls (Linux /proc/self/io), page cache or not."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
 def load_params(path):
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files if k.startswith("layers.")}

@@ -22,7 +22,7 @@ from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.data.rows import FileRows
 from dpbp.errors import UserError
-from tests.conftest import load_params, metrics
+from tests.conftest import load_params, metrics, rchar
 
 N, FEATURES, CLASSES = 60, 4, 3
 
@@ -146,12 +146,6 @@ def test_val_path_and_val_fraction(tmp_path):
 
 
 # ---------------------------------------------------------------- rank-local reading
-
-
-def rchar():
-    """Bytes this process has read through system calls (Linux /proc/self/io), page cache or not."""
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar")).split()[1])
 
 
 def test_rows_are_read_on_demand_and_nothing_else(tmp_path):

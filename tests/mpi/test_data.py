@@ -20,13 +20,9 @@ from dpbp.errors import UserError
 from dpbp.model import initial_params
 from dpbp.reduce import share
 from dpbp.train import Trainer
+from tests.conftest import rchar
 
 N, WIDTH = 256, 8192  # 64 KiB rows: no two rows of a batch are close enough to be read together
-
-
-def rchar():
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar")).split()[1])
 
 
 def shared_dir(comm, tmp_path):
