@@ -130,3 +130,14 @@ def agree(comm, error: str | None):
     for r, msg in enumerate(errors):
         if msg is not None:
             raise UserError(msg if r == 0 or comm.size == 1 else f"(rank {r}) {msg}")
+
+
+def agreed(comm, fn, *args):
+    """Collective: fn(*args) on every rank; if it raised UserError on any rank, the same one on all."""
+    error = result = None
+    try:
+        result = fn(*args)
+    except UserError as e:
+        error = str(e)
+    agree(comm, error)
+    return result

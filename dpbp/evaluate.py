@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, agree, parse_args, run, say
+from dpbp.cli import ArgumentParser, agreed, parse_args, run, say
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.errors import UserError
@@ -46,13 +46,7 @@ def data_overrides(path):
 
 def load_run(args, comm):
     """(cfg, model with the parameters loaded); the same UserError on every rank if anything is wrong."""
-    error = cfg = model = None
-    try:
-        cfg, model = _load_run(args)
-    except UserError as e:
-        error = str(e)
-    agree(comm, error)
-    return cfg, model
+    return agreed(comm, _load_run, args)
 
 
 def _load_run(args):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpbp.cli import agree
+from dpbp.cli import agreed
 from dpbp.comm import SerialComm
 from dpbp.data.builtin import builtin
 from dpbp.data.formats import read_file
@@ -196,12 +196,7 @@ def load_data(cfg, comm=None, need_targets=True):
     picked by seed (the same on every rank). need_targets=False: inputs only (for predict), no split.
     """
     comm = SerialComm() if comm is None else comm
-    error, sets = None, [None, None]
-    try:
-        sets = open_sets(cfg, need_targets)
-    except UserError as e:
-        error = str(e)
-    agree(comm, error)
+    sets = agreed(comm, open_sets, cfg, need_targets)
     check_values([d for d in sets if d is not None], comm)
     train, val = sets
     if val is not None or not need_targets:
