@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 
-from dpbp.comm import get_comm
+from dpbp.comm import get_comm, rank_list
 from dpbp.errors import (EXIT_CRASH, EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingFault,
                          UserError)
 
@@ -55,12 +55,6 @@ def say(comm, *lines, file=None):
     """Print on rank 0 only."""
     if comm.rank == 0:
         print(*lines, file=file or sys.stdout, flush=True)
-
-
-def rank_list(ranks, size):
-    if len(ranks) == size and size > 1:
-        return "all ranks"
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
 def fail(comm, agreement, prog, kind, text, code, grace_s):
@@ -122,22 +116,3 @@ def run(main, argv=None, prog="dpbp"):
         if os.environ.get("DPBP_TRACEBACK") == "1":
             traceback.print_exc()
         return fail(comm, agreement, prog, "error", f"{type(e).__name__}: {e}", EXIT_CRASH, GRACE_CRASH_S)
-
-
-def agree(comm, error: str | None):
-    """Collective: raise the same UserError on every rank if any rank found one (lowest rank's wins)."""
-    errors = comm.allgather(error)
-    for r, msg in enumerate(errors):
-        if msg is not None:
-            raise UserError(msg if r == 0 or comm.size == 1 else f"(rank {r}) {msg}")
-
-
-def agreed(comm, fn, *args):
-    """Collective: fn(*args) on every rank; if it raised UserError on any rank, the same one on all."""
-    error = result = None
-    try:
-        result = fn(*args)
-    except UserError as e:
-        error = str(e)
-    agree(comm, error)
-    return result

@@ -17,7 +17,35 @@ from dpbp.errors import UserError
 _LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 
 
-class SerialComm:
+def rank_list(ranks, size):
+    """Ranks in words for messages: "rank 3", "ranks 1, 2", "all ranks"."""
+    if len(ranks) == size and size > 1:
+        return "all ranks"
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+class Collectives:
+    """Collectives built on allgather, the same for every communicator."""
+
+    def agree(self, error: str | None):
+        """Collective: raise the same UserError on every rank if any rank found one (lowest rank's wins)."""
+        errors = self.allgather(error)
+        for r, msg in enumerate(errors):
+            if msg is not None:
+                raise UserError(msg if r == 0 or self.size == 1 else f"(rank {r}) {msg}")
+
+    def agreed(self, fn, *args):
+        """Collective: fn(*args) on every rank; if it raised UserError on any rank, the same one on all."""
+        error = result = None
+        try:
+            result = fn(*args)
+        except UserError as e:
+            error = str(e)
+        self.agree(error)
+        return result
+
+
+class SerialComm(Collectives):
     """A world of one rank: every reduction is the identity."""
 
     rank = 0
@@ -68,7 +96,7 @@ class _DoneRequest:
         return True
 
 
-class MPIComm:
+class MPIComm(Collectives):
     """mpi4py's buffer interface: in-place, no pickling on the hot path."""
 
     def __init__(self, MPI, comm):

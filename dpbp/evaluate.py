@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, agreed, parse_args, run, say
+from dpbp.cli import ArgumentParser, parse_args, run, say
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.errors import UserError
@@ -46,7 +46,7 @@ def data_overrides(path):
 
 def load_run(args, comm):
     """(cfg, model with the parameters loaded); the same UserError on every rank if anything is wrong."""
-    return agreed(comm, _load_run, args)
+    return comm.agreed(_load_run, args)
 
 
 def _load_run(args):

@@ -29,7 +29,7 @@ import signal
 import time
 import zlib
 
-from dpbp.cli import rank_list
+from dpbp.comm import rank_list
 from dpbp.errors import UserError
 
 FAULTS = ("raise", "usererror", "kill", "nan", "perturb", "term")

@@ -16,11 +16,11 @@ import sys
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, agree, parse_args, run, say
+from dpbp.cli import ArgumentParser, parse_args, run, say
 from dpbp.data import load_data
 from dpbp.errors import UserError
 from dpbp.evaluate import add_run_arguments, load_run
-from dpbp.reduce import share
+from dpbp.partition import share
 
 BLOCK = 4096  # rows per rank per gathered block
 
@@ -62,7 +62,7 @@ def open_output(path, comm):
             f = open(path + ".tmp", "w", newline="")
         except OSError as e:
             error = f"--out {path!r}: cannot write there ({e.strerror})"
-    agree(comm, error)
+    comm.agree(error)
     return f
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 
 from dpbp import __version__
-from dpbp.reduce import chunk_pieces, share
+from dpbp.partition import shares
 
 # Processes that copy a rank's stdout to their own: under them a rank's stdout is a pipe even when the
 # user watches a terminal, so we look at the outermost launcher's stdout instead.
@@ -210,9 +210,7 @@ def header_lines(info):
 
 def rank_shares(batch, size, mode, chunk):
     """Samples each rank computes per step: contiguous shares (fast) or whole chunks (reproducible)."""
-    if mode != "reproducible":
-        return [b - a for a, b in (share(batch, r, size) for r in range(size))]
-    return [sum(b - a for a, b in chunk_pieces(batch, chunk, r, size)) for r in range(size)]
+    return shares(batch, size, chunk if mode == "reproducible" else None)
 
 
 def numpy_blas_pool():

@@ -52,19 +52,7 @@ import math
 
 import numpy as np
 
-
-def share(n, rank, size):
-    """[start, stop) of rank's contiguous share of n items; shares differ by at most one."""
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def chunk_pieces(n, chunk, rank, size):
-    """[(start, stop)] of the fixed chunks of `chunk` items (cut by position in 0..n, whatever `size` is)
-    that rank computes: a contiguous run of whole chunks, possibly none."""
-    first, last = share(-(-n // chunk), rank, size)
-    return [(c * chunk, min((c + 1) * chunk, n)) for c in range(first, last)]
+from dpbp.partition import chunk_pieces, share
 
 
 class FastReducer:

@@ -31,7 +31,8 @@ from dpbp.losses import finish_gradient, l2_penalty
 from dpbp.model import MLP, count_params, initial_params, param_names, param_shapes
 from dpbp.optim import SGD
 from dpbp.progress import Progress
-from dpbp.reduce import chunk_pieces, make_reducer
+from dpbp.partition import chunk_pieces
+from dpbp.reduce import make_reducer
 
 LOSS, CORRECT, STOP = 0, 1, 2  # statistics that ride the gradient's Allreduce, after the gradient
 N_STATS = 3

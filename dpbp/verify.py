@@ -34,7 +34,7 @@ from dpbp.errors import EXIT_FAULT, UserError
 from dpbp.layers import ACTIVATIONS
 from dpbp.losses import finish_gradient
 from dpbp.model import MLP, count_params, param_names, param_shapes, views
-from dpbp.reduce import share
+from dpbp.partition import share
 from dpbp.train import Trainer, starting_params
 
 GRADIENTS = ("allreduce", "full", "per-sample", "fd")

@@ -7,7 +7,7 @@ rows, so a rank never holds more than its share of a batch or of an evaluation c
 
 Checks come in two phases, both before training:
   headers  file formats, array names, shapes, feature count, target width, sample counts: every rank
-           reads the same headers; ranks agree on the outcome (cli.agree), so a file that only some
+           reads the same headers; ranks agree on the outcome (comm.agree), so a file that only some
            ranks can open fails everywhere instead of hanging the others in a collective
   values   NaN/inf in inputs or targets, labels outside [0, classes): each rank scans its contiguous
            share of the rows in chunks, and one allgather finds the first offending row in the file
@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpbp.cli import agreed
-from dpbp.comm import SerialComm
 from dpbp.data.builtin import builtin
 from dpbp.data.formats import read_file
 from dpbp.data.rows import Column, OneHot, Scaled, chunks, take
 from dpbp.errors import UserError
-from dpbp.reduce import share
+from dpbp.partition import share
 
 
 @dataclass
@@ -142,8 +140,10 @@ def check_values(sets, comm):
     Each rank scans its contiguous share of each set (reading only those rows); the first offending
     row of a kind is the minimum over ranks, so the message does not depend on the number of ranks.
     """
-    mine = [first_problems(d, *share(len(d), comm.rank, comm.size)) for d in sets]
-    everyone = comm.allgather(mine)
+    if comm is None:  # one process: the whole of each set
+        everyone = [[first_problems(d, 0, len(d)) for d in sets]]
+    else:
+        everyone = comm.allgather([first_problems(d, *share(len(d), comm.rank, comm.size)) for d in sets])
     for i, d in enumerate(sets):
         first = [min((f[i][k] for f in everyone if f[i][k] is not None), default=None) for k in range(3)]
         if first[0] is not None:
@@ -195,8 +195,7 @@ def load_data(cfg, comm=None, need_targets=True):
     The held-out set is data.val_path if set, else a data.val_fraction share of the training file
     picked by seed (the same on every rank). need_targets=False: inputs only (for predict), no split.
     """
-    comm = SerialComm() if comm is None else comm
-    sets = agreed(comm, open_sets, cfg, need_targets)
+    sets = open_sets(cfg, need_targets) if comm is None else comm.agreed(open_sets, cfg, need_targets)
     check_values([d for d in sets if d is not None], comm)
     train, val = sets
     if val is not None or not need_targets:
@@ -225,5 +224,5 @@ def to_dataset(x, y, n_in, n_out, source):
     """make_dataset + check_values in one process: a Dataset whose shapes and values are sound."""
     data = make_dataset(x if hasattr(x, "ndim") else np.asarray(x), y if hasattr(y, "ndim") else np.asarray(y),
                         n_in, n_out, source)
-    check_values([data], SerialComm())
+    check_values([data], None)
     return data

@@ -18,7 +18,7 @@ from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.errors import UserError
 from dpbp.model import initial_params
-from dpbp.reduce import share
+from dpbp.partition import share
 from dpbp.train import Trainer
 from tests.conftest import rchar
 

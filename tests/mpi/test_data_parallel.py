@@ -12,7 +12,7 @@ from dpbp.comm import get_comm
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.model import MLP, initial_params
-from dpbp.reduce import share
+from dpbp.partition import share
 from dpbp.train import Trainer
 
 
