@@ -36,14 +36,14 @@ import time
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, parse_args, run
+from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
 from dpbp.comm import SerialComm
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.errors import UserError
-from dpbp.model import initial_params
 from dpbp.progress import numpy_blas_pool
-from dpbp.train import Trainer
+from dpbp.runs import starting_params
+from dpbp.step import Trainer
 
 _COMMON = ["data.val_fraction=0.0", "loss.l2=0.0", "train.steps=1"]
 SPECS = {  # name -> --set overrides on the defaults, and steps per timed block
@@ -94,30 +94,29 @@ class DpbpRow(Row):
         super().__init__(spec, comm.size, threads, variant, cfg["data.batch_size"], steps)
         self.comm, self.cfg = comm, cfg
         self.trainer = Trainer(cfg, comm, data)
-        init = "seed_example" if cfg["model.sizes"] == [2, 2, 2] and cfg["data.name"] == "seed" else "auto"
-        self.initial = initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"], init)
+        self.initial = starting_params(cfg)
         self.batches = [batch_indices(len(data), self.batch, cfg["seed"], s, True, False)[0]
                         for s in range(steps)]
         self.exposed = 0.0
         reducer = self.trainer.reducer
-        if hasattr(reducer, "grad_ready"):  # count the bucket starts inside backward as communication too
-            self._wrap_grad_ready(reducer)
-        self.raw = np.zeros_like(reducer.buf) if comm.size > 1 else None
+        if reducer.layer_ready is not None:  # count the bucket starts inside backward as communication too
+            self._time_layer_ready(reducer)
+        self.raw = np.zeros_like(reducer.result.buf) if comm.size > 1 else None
 
-    def _wrap_grad_ready(self, reducer):
-        inner = reducer.grad_ready
+    def _time_layer_ready(self, reducer):
+        inner = reducer.layer_ready
 
-        def timed(offset):
+        def timed(l):
             t0 = time.perf_counter()
-            inner(offset)
+            inner(l)
             self.exposed += time.perf_counter() - t0
-        reducer.grad_ready = timed
+        reducer.layer_ready = timed
 
     def run(self, record=True):
         trainer = self.trainer
         trainer.model.load(self.initial)
-        if trainer.opt.velocity is not None:
-            trainer.opt.velocity[:] = 0
+        for state in trainer.opt.state().values():
+            state[...] = 0
         self.comm.barrier()
         comm0, self.exposed = trainer.comm_s, 0.0
         t0 = time.perf_counter()
@@ -158,7 +157,7 @@ class GemmRow(Row):
             for l in range(model.n_layers):  # forward: net = x W^T
                 self.products.append((outs[l], model.weights[l].T, outs[l + 1]))
             for l in range(model.n_layers - 1, -1, -1):  # backward: delta^T x and delta W
-                self.products.append((deltas[l + 1].T, outs[l], model.nabla_w[l]))
+                self.products.append((deltas[l + 1].T, outs[l], of.trainer.grads.nabla_w[l]))
                 if l > 0:
                     self.products.append((deltas[l + 1], model.weights[l], deltas[l]))
 
@@ -263,9 +262,8 @@ def build_parser():
     p = ArgumentParser(prog="python -m dpbp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--spec", action="append", default=[], choices=sorted(SPECS),
                    help="built-in model spec to run (default: all three)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="also benchmark the model of this config (data.name 'random' is used if it names a file)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every spec")
+    config_arguments(p, "also benchmark the model of this config (data.name 'random' is used if it names a file)",
+                     "override for every spec", many=True)
     p.add_argument("--threads", default=None,
                    help="BLAS threads per rank, comma-separated (default: 1,2 alone; cores/P under mpirun)")
     p.add_argument("--repeats", type=int, default=6, help="interleaved repeats (default 6)")

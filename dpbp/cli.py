@@ -38,6 +38,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+def config_arguments(parser, config_help, set_help="override one key, value in TOML syntax, e.g. "
+                     "--set model.sizes=[64,32,10]", many=False):
+    """--config and --set, as every command declares them (many: --config may repeat, for the bench)."""
+    if many:
+        parser.add_argument("--config", action="append", default=[], metavar="FILE", help=config_help)
+    else:
+        parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def parse_args(parser, argv, comm):
     """Only rank 0 prints --help; --help exits 0 on every rank."""
     if comm.rank == 0:

@@ -56,6 +56,11 @@ SCHEMA: tuple[Option, ...] = (
            choices=("sigmoid", "identity", "softmax")),
     Option("model.dtype", "float64", str, "Floating-point type of parameters, activations and gradients.",
            choices=("float64", "float32")),
+    Option("model.init", "auto", str,
+           "Initial weights. uniform: W ~ U(-a, a), a = sqrt(6 / fan_in) for relu (He), sqrt(6 / (fan_in + "
+           "fan_out)) otherwise (Glorot), biases 0, from seed; seed_example: the tutorial's 2-2-2 weights; "
+           "auto: seed_example for the built-in seed data on a 2-2-2 net, else uniform.",
+           choices=("auto", "uniform", "seed_example")),
     Option("loss.kind", "cross_entropy", str,
            "squared_error = 1/2 sum (y - o)^2 (the seed's); cross_entropy = -sum y log o (softmax or sigmoid output).",
            choices=("squared_error", "cross_entropy")),
@@ -215,6 +220,9 @@ def check_consistency(cfg: dict[str, Any]) -> None:
                         f"not {cfg['model.output']!r}")
     if cfg["model.output"] == "softmax" and cfg["model.sizes"][-1] < 2:
         raise UserError("model.output = 'softmax' needs at least 2 output units in model.sizes")
+    if cfg["model.init"] == "seed_example" and cfg["model.sizes"] != [2, 2, 2]:
+        raise UserError(f"model.init = 'seed_example' is the tutorial's 2-2-2 network; model.sizes is "
+                        f"{cfg['model.sizes']}")
     if cfg["train.steps"] == 0 and cfg["train.epochs"] == 0:
         raise UserError("set train.steps or train.epochs to a positive number")
 

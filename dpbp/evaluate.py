@@ -7,33 +7,75 @@
 --config defaults to the config.toml that training wrote next to the parameters. --data evaluates a
 whole file in any format dpbp reads (data.targets, data.val_* and data.val_fraction are cleared for it;
 set them again with --set). Each rank evaluates its share of fixed chunks of the data set and the
-figures are combined as in training (``train.evaluate``), so they do not depend on the number of ranks.
+figures are combined in chunk order (``evaluate``), so they do not depend on the number of ranks; training
+reports its held-out figures with the same functions.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, parse_args, run, say
+from dpbp.cli import ArgumentParser, config_arguments, parse_args, run, say
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.errors import UserError
+from dpbp.losses import batch_divisor, l2_penalty
 from dpbp.model import MLP
-from dpbp.train import held_out, starting_params
+from dpbp.partition import chunk_pieces
+from dpbp.runs import starting_params
+
+EVAL_CHUNK = 256
+
+
+def evaluate(model, data, comm, confusion=None):
+    """Collective: (loss sum, correct, count) over data, split across ranks by fixed chunks and combined in
+    chunk order, so the figures are the same bit for bit whatever the number of ranks.
+
+    confusion: an optional (classes, classes) int64 array; counts [true label, predicted class] are
+    added to it, summed over ranks (exact, integers). Every rank must pass one or none.
+    """
+    mine = []
+    delta = None
+    for a, b in chunk_pieces(len(data), EVAL_CHUNK, comm.rank, comm.size):
+        x, t, labels = data.batch(slice(a, b))
+        out = model.forward(x)
+        if delta is None or len(delta) < len(out):
+            delta = np.empty_like(out, shape=(EVAL_CHUNK, out.shape[1]))
+        E = model.loss(out, t, delta[:len(out)], model.output)
+        predicted = out.argmax(axis=1)
+        correct = int(np.count_nonzero(predicted == labels)) if labels is not None else 0
+        if confusion is not None and labels is not None:
+            np.add.at(confusion, (labels, predicted), 1)
+        mine.append((E, correct))
+    per_chunk = [item for part in comm.allgather(mine) for item in part]
+    if confusion is not None:
+        comm.allreduce_sum_(confusion)
+    loss_sum = math.fsum(e for e, _ in per_chunk) if per_chunk else 0.0
+    return loss_sum, sum(c for _, c in per_chunk), len(data)
+
+
+def held_out(model, cfg, data, comm, confusion=None):
+    """Collective: {"loss", "accuracy" for labels} on data: the data term (/count for mean) + the l2
+    penalty, as the training loss is reported."""
+    loss_sum, correct, count = evaluate(model, data, comm, confusion)
+    rec = {"loss": loss_sum / batch_divisor(cfg["loss.reduction"], count) + l2_penalty(model.weights, cfg["loss.l2"])}
+    if data.labels is not None:
+        rec["accuracy"] = correct / count
+    return rec
 
 
 def add_run_arguments(p, data_help):
     """The arguments evaluate and predict share."""
     p.add_argument("--params", required=True, metavar="PARAMS.npz",
                    help="trained parameters: a run's final.npz or one of its checkpoints")
-    p.add_argument("--config", help="the run's config (default: config.toml next to --params)")
+    config_arguments(p, "the run's config (default: config.toml next to --params)",
+                     "override one config key, e.g. --set data.targets=labels.npy")
     p.add_argument("--data", metavar="FILE", help=data_help)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set data.targets=labels.npy")
 
 
 def data_overrides(path):

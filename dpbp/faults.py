@@ -88,21 +88,25 @@ def parse_faults(spec):
 
 
 class FaultInjector:
-    """Carries out DPBP_FAULT on this rank; does nothing (one dict lookup per step) when it is unset."""
+    """Carries out DPBP_FAULT on this rank. ``from_env`` gives None when it (and DPBP_STEP_SLEEP) is unset,
+    so the training loop pays one test of None per step and nothing else."""
 
-    def __init__(self, rank, environ=os.environ):
-        self.faults = {(s, w) for w, r, s in parse_faults(environ.get("DPBP_FAULT", "")) if r == rank}
+    def __init__(self, faults, sleep):
+        self.faults, self.sleep = faults, sleep  # {(step, what)} for this rank; seconds before each step
+
+    @classmethod
+    def from_env(cls, rank, environ=os.environ):
+        faults = {(s, w) for w, r, s in parse_faults(environ.get("DPBP_FAULT", "")) if r == rank}
         sleep = environ.get("DPBP_STEP_SLEEP", "")
         try:
-            self.sleep = float(sleep) if sleep else 0.0
+            sleep = float(sleep) if sleep else 0.0
         except ValueError:
             raise UserError(f"DPBP_STEP_SLEEP={sleep!r} is not a number of seconds") from None
+        return cls(faults, sleep) if faults or sleep else None
 
     def before_step(self, step, trainer):
         if self.sleep:
             time.sleep(self.sleep)
-        if not self.faults:
-            return
         for what in FAULTS:
             if (step, what) in self.faults:
                 self._do(what, step, trainer)
@@ -118,14 +122,9 @@ class FaultInjector:
         elif what == "usererror":
             raise UserError(f"injected error at step {step}")
         elif what == "nan":
-            load_inputs = trainer._inputs  # noqa: SLF001 - the hook poisons what forward will read
-
-            def poisoned(rows):
-                x = load_inputs(rows)
+            def poison(x):  # this step's first piece only
                 x[0, 0] = float("nan")
-                trainer._inputs = load_inputs  # once: this step's first piece only
-                return x
-
-            trainer._inputs = poisoned
+                trainer.input_hook = None
+            trainer.input_hook = poison
         elif what == "perturb":
             trainer.model.params[0] += 1e-3

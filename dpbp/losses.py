@@ -45,6 +45,14 @@ def cross_entropy(out, y, delta, output, scratch=None):
 LOSSES = {"squared_error": squared_error, "cross_entropy": cross_entropy}
 
 
+def batch_divisor(reduction, n):
+    """What the summed error over n samples is divided by: n for reduction = "mean", 1 for "sum".
+
+    n is always the GLOBAL count (the batch, or the whole evaluated set), never a rank's share.
+    """
+    return n if reduction == "mean" else 1
+
+
 def l2_penalty(weights, l2):
     """lambda/2 * sum over layers of ||W||^2 (biases are not penalised)."""
     if l2 == 0.0:
@@ -56,8 +64,8 @@ def finish_gradient(nabla_w, nabla_b, weights, l2, divisor, scratch=None):
     """Turn the Allreduce-summed data gradient into dE/dw of the regularised error, in place.
 
     grad = (sum over the global batch of dE_n/dw) / divisor + lambda W
-    divisor is 1 for reduction = "sum" and the GLOBAL batch size for "mean", never a rank's share,
-    and the l2 term is added here, once per step, not once per rank. (The trainer passes divisor 1:
+    divisor is ``batch_divisor(reduction, global batch)``, and the l2 term is added here, once per step,
+    not once per rank. (The trainer passes divisor 1:
     it folds 1/B into delta^(L) instead, see ``MLP.backward``.)
     scratch: optional flat buffer with room for the largest W, so that lambda W needs no temporary.
     """

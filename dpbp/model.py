@@ -47,10 +47,10 @@ SEED_EXAMPLE = {  # the tutorial's 2-2-2 network: w1..w8 and one bias per layer
 }
 
 
-def initial_params(sizes, activation, seed, init="auto"):
+def initial_params(sizes, activation, seed, init="uniform"):
     """Float64 initial parameters, a pure function of the arguments (identical on every rank).
 
-    auto: W ~ U(-a, a) with a = sqrt(6 / fan_in) for relu (He) and sqrt(6 / (fan_in + fan_out))
+    uniform: W ~ U(-a, a) with a = sqrt(6 / fan_in) for relu (He) and sqrt(6 / (fan_in + fan_out))
     otherwise (Glorot); biases 0. seed_example: the tutorial's weights (2-2-2 only).
     """
     names = param_names(len(sizes) - 1)
@@ -65,6 +65,19 @@ def initial_params(sizes, activation, seed, init="auto"):
     return params
 
 
+class Grads:
+    """One flat gradient buffer (n_params,) and its per-layer views nabla_w[l] (n_l+1, n_l), nabla_b[l] (n_l+1,).
+
+    backward writes into whichever Grads it is given, so a caller can hand it a slice of a larger buffer
+    (e.g. the reducer's, which also carries statistics through the same Allreduce) with no copy.
+    """
+
+    def __init__(self, flat, shapes):
+        self.flat = flat
+        gv = views(flat, shapes)
+        self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
+
+
 class MLP:
     """sizes = [n_0, n_1, ..., n_L]; hidden layers use `activation`, the last layer `output`.
 
@@ -72,7 +85,7 @@ class MLP:
     over the rows of x (the seed's E_total); nothing is averaged here.
     """
 
-    def __init__(self, sizes, activation, output, loss, dtype="float64", grad=None):
+    def __init__(self, sizes, activation, output, loss, dtype="float64"):
         self.sizes = list(sizes)
         self.activation, self.output, self.loss_kind = activation, output, loss
         self.dtype = np.dtype(dtype)
@@ -83,21 +96,29 @@ class MLP:
         self.params = np.zeros(self.n_params, self.dtype)
         pv = views(self.params, self.shapes)
         self.weights, self.biases = pv[0::2], pv[1::2]
-        # The caller may hand in the gradient buffer (a view into a larger one that also carries
-        # statistics through the same Allreduce).
-        self.bind_grad(np.zeros(self.n_params, self.dtype) if grad is None else grad)
+        self.grads = self.grad_views(np.zeros(self.n_params, self.dtype))  # where backward writes by default
         self.f = [ACTIVATIONS[activation].f] * (self.n_layers - 1) + [ACTIVATIONS[output].f]
         self.f_prime_times = [ACTIVATIONS[activation].prime_times] * (self.n_layers - 1)
         self.loss = LOSSES[loss]
         self._rows, self._views_B = 0, None
 
-    def bind_grad(self, flat):
-        """Make backward write nabla_w, nabla_b into `flat` (n_params,) from now on (e.g. one buffer per
-        chunk of the batch, so that no chunk's gradient has to be copied out of the way of the next)."""
+    def grad_views(self, flat):
+        """Grads over `flat` (n_params,) in this model's dtype and layout."""
         assert flat.shape == (self.n_params,) and flat.dtype == self.dtype
-        self.grad = flat
-        gv = views(flat, self.shapes)
-        self.nabla_w, self.nabla_b = gv[0::2], gv[1::2]
+        return Grads(flat, self.shapes)
+
+    @property
+    def grad(self):
+        """The default gradient buffer (n_params,)."""
+        return self.grads.flat
+
+    @property
+    def nabla_w(self):
+        return self.grads.nabla_w
+
+    @property
+    def nabla_b(self):
+        return self.grads.nabla_b
 
     # ------------------------------------------------------------ parameters by name
 
@@ -155,8 +176,9 @@ class MLP:
             f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
         return outs[-1]
 
-    def backward(self, y, scale=1.0, ready=None):
-        """y: (B, n_L) targets for the last forward. Fills nabla_w, nabla_b; returns the summed E.
+    def backward(self, y, grads=None, scale=1.0, ready=None):
+        """y: (B, n_L) targets for the last forward. Fills grads.nabla_w, grads.nabla_b (default:
+        self.grads); returns the summed E.
 
         delta^(L) = grad_out E (.) f'(net^(L))                  (losses.py)
         delta^(l) = (W^(l+1))^T delta^(l+1) (.) f'(net^(l))
@@ -173,7 +195,8 @@ class MLP:
         E = self.loss(outs[-1], y, deltas[L], self.output, scratches[L])
         if scale != 1.0:
             deltas[L] *= scale
-        weights, nabla_w, nabla_b, f_prime_times = self.weights, self.nabla_w, self.nabla_b, self.f_prime_times
+        grads = self.grads if grads is None else grads
+        weights, nabla_w, nabla_b, f_prime_times = self.weights, grads.nabla_w, grads.nabla_b, self.f_prime_times
         for l in range(L - 1, -1, -1):
             dx = deltas[l] if l > 0 else None
             dense_backward(deltas[l + 1], outs[l], weights[l], nabla_w[l], nabla_b[l], dx)

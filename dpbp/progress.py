@@ -25,6 +25,7 @@ import sys
 import time
 
 from dpbp import __version__
+from dpbp.errors import warn
 from dpbp.partition import shares
 
 # Processes that copy a rank's stdout to their own: under them a rank's stdout is a pipe even when the
@@ -54,7 +55,7 @@ class Progress:
 
     def warn(self, text):
         if self.active:
-            self._write(f"dpbp: warning: {text}", sys.stderr)
+            warn(text, self._write)
 
     def _write(self, text, stream):
         if self.bar is not None:
@@ -159,6 +160,42 @@ class Progress:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+
+# ---------------------------------------------------------------- accumulating the figures
+
+
+class Meter:
+    """Training figures summed between two metrics records (train.log_every steps), and their rates."""
+
+    def __init__(self, labels):
+        self.labels = labels  # does the training data have class labels (then accuracy is recorded)
+        self.t_start = self.t_last = time.perf_counter()
+        self.comm_last = 0.0
+        self._reset()
+
+    def _reset(self):
+        self.loss = self.correct = self.seen = 0.0
+        self.samples = 0
+
+    def add(self, loss, correct, samples):
+        """One step's batch-mean loss, correct count and global batch size."""
+        self.loss += loss * samples
+        self.correct += correct
+        self.seen += samples
+        self.samples += samples
+
+    def record(self, step, epoch, comm_s):
+        """The metrics.jsonl record of the steps since the last one; comm_s: Allreduce seconds so far."""
+        now = time.perf_counter()
+        rec = {"step": step, "epoch": epoch, "loss": self.loss / self.seen,
+               "samples_per_s": self.samples / (now - self.t_last),
+               "comm_s": comm_s - self.comm_last, "step_s": now - self.t_last, "time": now - self.t_start}
+        if self.labels:
+            rec["accuracy"] = self.correct / self.seen
+        self.t_last, self.comm_last = now, comm_s
+        self._reset()
+        return rec
 
 
 # ---------------------------------------------------------------- formatting

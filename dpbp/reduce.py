@@ -49,69 +49,132 @@ reproducible
 from __future__ import annotations
 
 import math
+from typing import Callable, Protocol
 
 import numpy as np
 
+from dpbp.model import Grads
 from dpbp.partition import chunk_pieces, share
+
+LOSS, CORRECT, STOP = 0, 1, 2  # statistics that ride the gradient's Allreduce, after the gradient
+N_STATS = 3
+
+
+class Layout:
+    """The reduce buffer: [the model's tensors in order (the gradient) | loss sum | correct count | stop flag].
+
+    shapes: the model's parameter shapes in buffer order (model.param_shapes).
+    """
+
+    def __init__(self, shapes):
+        sizes = [int(np.prod(s)) for s in shapes]
+        ends = np.cumsum(sizes).tolist()
+        self.shapes = list(shapes)
+        self.tensors = list(zip([0] + ends[:-1], ends))  # each tensor's [start, stop) in the buffer
+        self.n_grad = ends[-1]
+        self.size = self.n_grad + N_STATS
+        self.layer_starts = [lo for lo, _ in self.tensors[0::2]]  # where layer l's weight begins
+
+    def grid_groups(self):
+        """Slices that share one rounding grid in reproducible mode: each tensor, and the loss (it needs a
+        scale); counts and flags are exact integers."""
+        return [*self.tensors, (self.n_grad + LOSS, self.n_grad + LOSS + 1)]
+
+
+class Piece:
+    """Where one piece of this rank's share writes: gradient views for backward, and its statistics."""
+
+    def __init__(self, buf, layout):
+        self.buf = buf  # (layout.size,)
+        self.grads = Grads(buf[:layout.n_grad], layout.shapes)
+        self.stats = buf[layout.n_grad:]  # (N_STATS,): LOSS, CORRECT, STOP
+
+
+class Reducer(Protocol):
+    """Turns every rank's partial sums into the global sum; decides how a rank's share is cut into pieces.
+
+    A step: ``for a, b, piece in begin(B)``: forward/backward on positions [a, b) of the global batch into
+    ``piece``, then ``add_piece(piece)``; write the stop flag into ``result.stats``; ``allreduce()``.
+    Afterwards ``result`` holds the summed gradient and statistics, the same on every rank.
+    """
+
+    mode: str
+    layout: Layout
+    result: Piece
+    layer_ready: Callable[[int], None] | None  # for backward: layer l's gradient is final; or None
+
+    def pieces(self, batch_size: int) -> list[tuple[int, int]]: ...
+
+    def begin(self, batch_size: int) -> list[tuple[int, int, Piece]]: ...
+
+    def add_piece(self, piece: Piece) -> None: ...
+
+    def allreduce(self) -> Piece: ...
 
 
 class FastReducer:
     """One piece per rank, then the float buffer summed over ranks by MPI, in place.
 
     Without buckets: ONE blocking Allreduce of the whole buffer after backward.
-    With ``use_buckets`` (comm.bucket_mb, when the gradient makes at least two buckets): backward reports
-    each layer as soon as its gradient is final (the last layer first; the buffer holds layer 0 first, so
-    what is final is always a tail of the gradient). The gradient is cut at layer boundaries into buckets
-    of at least ``bucket_bytes``, from the end; each bucket's non-blocking Iallreduce starts as soon as it
-    is final, so reducing the later layers can overlap the backward of the earlier ones. ``allreduce`` starts what is left, reduces the statistics
-    after the gradient and waits for all. Every rank issues the same buckets in the same order (an idle
-    rank starts them all in ``allreduce``).
+    With bucket_bytes > 0 (comm.bucket_mb, more than one rank, and a gradient that makes at least two
+    buckets): backward reports each layer as soon as its gradient is final (the last layer first; the
+    buffer holds layer 0 first, so what is final is always a tail of the gradient). The gradient is cut at
+    layer boundaries into buckets of at least ``bucket_bytes``, from the end; each bucket's non-blocking
+    Iallreduce starts as soon as it is final, so reducing the later layers can overlap the backward of the
+    earlier ones. ``allreduce`` starts what is left, reduces the statistics after the gradient and waits
+    for all. Every rank issues the same buckets in the same order (an idle rank starts them all in
+    ``allreduce``).
     """
 
     mode = "fast"
 
-    def __init__(self, comm, n_buf, dtype, group_bounds):
-        self.comm = comm
-        self.buf = np.zeros(n_buf, dtype)
-        self._pieces = {}  # batch size -> [(start, stop)], computed once per size
-        self.buckets = []  # [(lo, hi)] slices of the gradient, last first; [] = one blocking Allreduce
+    def __init__(self, comm, layout, dtype, bucket_bytes=0):
+        self.comm, self.layout = comm, layout
+        self.buf = np.zeros(layout.size, dtype)
+        self.result = Piece(self.buf, layout)
+        self._plans = {}  # batch size -> [(start, stop, piece)], computed once per size
+        self.buckets = self._buckets(bucket_bytes) if comm.size > 1 else []  # [(lo, hi)], last first
+        self.layer_ready = self._layer_ready if self.buckets else None
         self._requests = []
 
-    def use_buckets(self, layer_starts, n_grad, bucket_bytes):
-        """buf[:n_grad] is the gradient and layer_starts the offsets where layers begin (any order)."""
-        self.n_grad, self.buckets = n_grad, []
+    def _buckets(self, bucket_bytes):
+        """[(lo, hi)] slices of the gradient of at least bucket_bytes, cut at layer starts, from the end;
+        [] (one Allreduce of gradient and statistics together) if that makes fewer than two."""
         if bucket_bytes <= 0:
-            return
-        hi = n_grad
-        for lo in sorted(layer_starts, reverse=True):
+            return []
+        buckets, hi = [], self.layout.n_grad
+        for lo in sorted(self.layout.layer_starts, reverse=True):
             if (hi - lo) * self.buf.itemsize >= bucket_bytes or lo == 0:
                 if hi > lo:
-                    self.buckets.append((lo, hi))
+                    buckets.append((lo, hi))
                 hi = lo
-        if len(self.buckets) < 2:  # nothing to overlap: one Allreduce of gradient and statistics together
-            self.buckets = []
+        return buckets if len(buckets) >= 2 else []
 
     def pieces(self, batch_size):
-        """[(start, stop)] positions in the global batch that this rank computes, one piece each."""
-        p = self._pieces.get(batch_size)
-        if p is None:
+        """[(start, stop)] positions in the global batch that this rank computes: its contiguous share."""
+        return [(a, b) for a, b, _ in self._plan(batch_size)]
+
+    def _plan(self, batch_size):
+        plan = self._plans.get(batch_size)
+        if plan is None:
             start, stop = share(batch_size, self.comm.rank, self.comm.size)
-            p = self._pieces[batch_size] = [(start, stop)] if stop > start else []
-        return p
+            plan = self._plans[batch_size] = [(start, stop, self.result)] if stop > start else []
+        return plan
 
     def begin(self, batch_size):
-        if not self.pieces(batch_size):
+        plan = self._plan(batch_size)
+        if not plan:
             self.buf[:] = 0  # an empty share contributes zeros; otherwise backward overwrites it all
+        return plan
 
-    def piece_buffer(self, index):
-        """Where piece `index` writes its gradient and statistics: self.buf (one piece per rank)."""
-        return self.buf
+    def add_piece(self, piece):
+        """The piece's results are already in the buffer that is reduced."""
 
-    def add_piece(self, index):
-        """The piece's results are already in self.buf."""
+    def _layer_ready(self, l):
+        """Layer l's gradient, and so buf[layer_starts[l]:n_grad], is final: start the buckets inside it."""
+        self._start_buckets(self.layout.layer_starts[l])
 
-    def grad_ready(self, offset):
-        """buf[offset:n_grad] is final on this rank: start every bucket inside it not yet started."""
+    def _start_buckets(self, offset):
         requests, buckets = self._requests, self.buckets
         while len(requests) < len(buckets) and buckets[len(requests)][0] >= offset:
             lo, hi = buckets[len(requests)]
@@ -122,31 +185,32 @@ class FastReducer:
     def allreduce(self):
         if not self.buckets:
             self.comm.allreduce_sum_(self.buf)
-            return self.buf
-        self.grad_ready(0)
-        self.comm.allreduce_sum_(self.buf[self.n_grad:])  # the statistics, written after backward
+            return self.result
+        self._start_buckets(0)
+        self.comm.allreduce_sum_(self.result.stats)  # the statistics, written after backward
         self.comm.wait_all(self._requests)
         self._requests = []
-        return self.buf
+        return self.result
 
 
 class ReproducibleReducer:
     """Exact integer sums of fixed chunk gradients (see the module doc); bitwise independent of P."""
 
     mode = "reproducible"
+    layer_ready = None
 
-    def __init__(self, comm, n_buf, dtype, group_bounds, chunk):
-        """group_bounds: [(start, stop)] slices of the buffer that share one grid (one per tensor, one
-        for the loss); entries outside every group must hold exact integers (counts, flags)."""
-        self.comm, self.chunk = comm, chunk
-        self.buf = np.zeros(n_buf, dtype)  # one chunk's results, written by the model
+    def __init__(self, comm, layout, dtype, chunk):
+        self.comm, self.layout, self.chunk = comm, layout, chunk
+        n_buf = layout.size
+        self.buf = np.zeros(n_buf, dtype)  # the last chunk's results, then the reduced sum
+        self.result = Piece(self.buf, layout)
         f = np.finfo(self.buf.dtype)
         self._p, self._w = f.nmant + 1, 8 * self.buf.itemsize  # significand bits; integer width
         self._min_e = f.minexp - f.nmant  # the smallest unit: M stays a normal number
         self._max_exp = f.maxexp
         self._uint, self._int = np.dtype(f"u{self.buf.itemsize}"), np.dtype(f"i{self.buf.itemsize}")
         self._acc = np.zeros(n_buf, self._uint)
-        self.groups = [(lo, hi) for lo, hi in group_bounds if hi > lo]
+        self.groups = [(lo, hi) for lo, hi in layout.grid_groups() if hi > lo]
         covered = np.zeros(n_buf, bool)
         for lo, hi in self.groups:
             covered[lo:hi] = True
@@ -156,7 +220,7 @@ class ReproducibleReducer:
         self._cuts, self._firsts = np.array(cuts, np.intp), [cuts.index(lo) for lo, _ in self.groups]
         self._exact_sum = np.zeros(len(self._exact), np.int64)
         self._max = np.zeros(len(self.groups))
-        self._kept = np.zeros((0, n_buf), self.buf.dtype)  # this rank's chunks but the last (that stays in buf)
+        self._kept = []  # Pieces over buffers of their own: this rank's chunks but the last (that uses buf)
         self._n_chunks = self._n_local = 0
 
     def pieces(self, batch_size):
@@ -164,22 +228,23 @@ class ReproducibleReducer:
         return chunk_pieces(batch_size, self.chunk, self.comm.rank, self.comm.size)
 
     def begin(self, batch_size):
-        self._n_chunks = -(-batch_size // self.chunk)
-        self._n_local = len(self.pieces(batch_size))
-        if self._n_local - 1 > len(self._kept):
-            self._kept = np.zeros((self._n_local - 1, len(self.buf)), self.buf.dtype)
+        """Each chunk but the last writes into a buffer of its own, kept until the grid is known; the
+        last one into buf."""
+        pieces = self.pieces(batch_size)
+        self._n_chunks, self._n_local = -(-batch_size // self.chunk), len(pieces)
+        while len(self._kept) < self._n_local - 1:
+            self._kept.append(Piece(np.zeros(self.layout.size, self.buf.dtype), self.layout))
         self._max[:] = 0.0
         self._exact_sum[:] = 0
         self.buf[self._exact] = 0  # so that after the pieces they hold only what the caller adds (flags)
+        return [(a, b, p) for (a, b), p in zip(pieces, self._chunk_pieces())]
 
-    def piece_buffer(self, index):
-        """Where chunk `index` of this rank writes its results: a buffer of its own, kept until the grid
-        is known, except the last chunk, which uses self.buf."""
-        return self._kept[index] if index < self._n_local - 1 else self.buf
+    def _chunk_pieces(self):
+        return [*self._kept[:self._n_local - 1], self.result] if self._n_local else []
 
-    def add_piece(self, index):
-        """Note chunk `index`'s largest entries and take its counts."""
-        g = self.piece_buffer(index)
+    def add_piece(self, piece):
+        """Note the chunk's largest entries and take its counts."""
+        g = piece.buf
         if self.groups:
             largest = np.maximum.reduceat(g, self._cuts)[self._firsts]
             smallest = np.minimum.reduceat(g, self._cuts)[self._firsts]
@@ -191,12 +256,10 @@ class ReproducibleReducer:
         m = self.comm.allreduce_max_(np.nan_to_num(self._max, nan=math.inf))  # MPI's MAX may drop NaN
         units = [self._unit_exponent(mt) for mt in m]
         magic = [None if e is None else self._magic(e) for e in units]
-        acc, buf = self._acc, self.buf
-        chunks = [*self._kept[:self._n_local - 1], buf] if self._n_local else []
+        acc = self._acc
+        chunks = [p.buf for p in self._chunk_pieces()]
         for i, g in enumerate(chunks):
-            for (lo, hi), M in zip(self.groups, magic):
-                if M is not None:
-                    np.add(g[lo:hi], M, out=g[lo:hi])  # T = M + q u: g rounded to the grid, once
+            self._to_grid(g, magic)
             bits = g.view(self._uint)
             if i == 0:  # start from this rank's share of N * bits(M), so the global sum is Q itself
                 for (lo, hi), M in zip(self.groups, magic):
@@ -209,15 +272,26 @@ class ReproducibleReducer:
         q = acc.view(self._int)
         q[self._exact] = self._exact_sum
         self.comm.allreduce_sum_(acc)
+        self._from_grid(q, units)
+        return self.result
+
+    def _to_grid(self, g, magic):
+        """T = M + q u: each group of chunk g rounded to its grid, once, in place."""
+        for (lo, hi), M in zip(self.groups, magic):
+            if M is not None:
+                np.add(g[lo:hi], M, out=g[lo:hi])
+
+    def _from_grid(self, q, units):
+        """buf <- Q u per group (NaN where the grid is undefined); the exact entries as they are."""
+        buf = self.buf
         for (lo, hi), e in zip(self.groups, units):
             if e is None:
                 buf[lo:hi] = np.nan
             else:  # Q rounded to the dtype, once, then times u: exact (a power of two) unless subnormal.
-                # Two passes: NumPy's cast inside a multiply (dtype=, casting=) is 2x slower than both.
+                # Two passes: NumPy's cast inside a multiply (dtype=, casting=) is slower than both.
                 np.copyto(buf[lo:hi], q[lo:hi], casting="unsafe")
                 buf[lo:hi] *= buf.dtype.type(2.0 ** e)
         buf[self._exact] = q[self._exact]
-        return buf
 
     def _take_exact(self, g):
         self._exact_sum += g[self._exact].astype(np.int64)
@@ -238,7 +312,7 @@ class ReproducibleReducer:
         return np.ldexp(self.buf.dtype.type(3), self._p - 2 + e)
 
 
-def make_reducer(mode, comm, n_buf, dtype, group_bounds, chunk):
+def make_reducer(mode, comm, layout, dtype, chunk, bucket_bytes=0) -> Reducer:
     if mode == "fast":
-        return FastReducer(comm, n_buf, dtype, group_bounds)
-    return ReproducibleReducer(comm, n_buf, dtype, group_bounds, chunk)
+        return FastReducer(comm, layout, dtype, bucket_bytes)
+    return ReproducibleReducer(comm, layout, dtype, chunk)

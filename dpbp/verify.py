@@ -27,15 +27,16 @@ import sys
 
 import numpy as np
 
-from dpbp.cli import ArgumentParser, parse_args, run
+from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.errors import EXIT_FAULT, UserError
 from dpbp.layers import ACTIVATIONS
-from dpbp.losses import finish_gradient
+from dpbp.losses import batch_divisor, finish_gradient
 from dpbp.model import MLP, count_params, param_names, param_shapes, views
 from dpbp.partition import share
-from dpbp.train import Trainer, starting_params
+from dpbp.runs import starting_params
+from dpbp.step import Trainer
 
 GRADIENTS = ("allreduce", "full", "per-sample", "fd")
 PAIRS = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
@@ -54,8 +55,7 @@ def build_parser():
     p = ArgumentParser(prog="python -m dpbp.verify",
                        description="Check the training gradient against the full-batch gradient, the sum of "
                                    "per-sample gradients and central differences (alone or under mpirun).")
-    p.add_argument("--config", help="TOML file overriding the defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+    config_arguments(p, "TOML file overriding the defaults", "override one key")
     p.add_argument("--init", metavar="PARAMS.npz", help="parameters to check at (default: the seeded start)")
     p.add_argument("--fd", type=int, default=None, metavar="N",
                    help=f"parameters checked by central differences (default: all up to {FD_ALL_UP_TO}, "
@@ -76,8 +76,8 @@ def reference_model(cfg, params):
 
 def finish(model, cfg, batch_size):
     """Summed data gradient -> gradient of E_total: /B for mean, + lambda W."""
-    divisor = batch_size if cfg["loss.reduction"] == "mean" else 1
-    finish_gradient(model.nabla_w, model.nabla_b, model.weights, cfg["loss.l2"], divisor)
+    finish_gradient(model.nabla_w, model.nabla_b, model.weights, cfg["loss.l2"],
+                    batch_divisor(cfg["loss.reduction"], batch_size))
     return model.grad.copy()
 
 
@@ -86,7 +86,7 @@ def allreduce_gradient(cfg, comm, data, params, idx):
     trainer = Trainer(cfg, comm, data)
     trainer.model.load(params)
     trainer.gradient(idx)
-    return trainer.model.grad.astype(np.float64)
+    return trainer.grad.astype(np.float64)
 
 
 def full_batch_gradient(cfg, params, x, t):

@@ -12,7 +12,7 @@ from dpbp.comm import SerialComm
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.data.dataset import make_dataset
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 
 
 class SpyComm(SerialComm):
@@ -87,8 +87,8 @@ def test_fast_reduction_is_one_in_place_allreduce_of_the_whole_buffer_per_step(s
         trainer.step(idx)
         assert comm.calls[before:] == [("allreduce", np.float32, buf.__array_interface__["data"][0], buf.size)]
     # the gradient and the statistics are views into that one buffer: no copy on the way to MPI
-    assert np.shares_memory(trainer.model.grad, buf) and np.shares_memory(trainer.stats, buf)
-    assert trainer.model.grad.size + trainer.stats.size == buf.size
+    assert np.shares_memory(trainer.grad, buf) and np.shares_memory(trainer.stats, buf)
+    assert trainer.grad.size + trainer.stats.size == buf.size
 
 
 def test_buckets_cover_the_buffer_exactly_once_last_layer_first():
@@ -104,7 +104,7 @@ def test_buckets_cover_the_buffer_exactly_once_last_layer_first():
         covered[lo:hi] += 1
     assert (covered == 1).all()
     grad_spans = spans[:-1]  # the statistics (the buffer's end) go last, after backward
-    assert spans[-1] == (trainer.model.grad.size, buf.size)
+    assert spans[-1] == (trainer.grad.size, buf.size)
     assert grad_spans == sorted(grad_spans, reverse=True)  # from the end of the buffer: last layer first
     kinds = [k for k, *_ in comm.calls]
     assert kinds[:len(grad_spans)] == ["iallreduce"] * len(grad_spans)

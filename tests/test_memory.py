@@ -20,7 +20,7 @@ from dpbp.layers import ACTIVATIONS
 from dpbp.losses import finish_gradient
 from dpbp.model import MLP, initial_params
 from dpbp.optim import BLOCK, SGD
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 
 BOUND = 128 * 1024  # bytes a step may allocate at its peak
 BATCH, HIDDEN = 128, 1024

@@ -15,7 +15,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from dpbp.reduce import ReproducibleReducer
+from dpbp.reduce import Layout, ReproducibleReducer
 from tests.conftest import REPO
 
 # ---------------------------------------------------------------- in-process ranks
@@ -54,6 +54,8 @@ class _ThreadComm:
 
 GROUPS = [(0, 7), (7, 12), (12, 112), (112, 113)]  # three "tensors" and a loss
 N_BUF = 115  # + two exact entries: a count and the stop flag
+LAYOUT = Layout([(7,), (5,), (100,)])  # the buffer above, as the reducer lays it out
+assert LAYOUT.grid_groups() == GROUPS and LAYOUT.size == N_BUF
 
 
 def chunk_values(c, dtype, spread=6.0):
@@ -70,13 +72,12 @@ def reduce_on(P, batch, chunk, dtype, stops=None, values=chunk_values):
     world, results = _World(P), [None] * P
 
     def rank_main(rank):
-        red = ReproducibleReducer(_ThreadComm(world, rank), N_BUF, dtype, GROUPS, chunk)
-        red.begin(batch)
-        for i, (a, b) in enumerate(red.pieces(batch)):
-            red.piece_buffer(i)[:] = values(a // chunk, dtype)
-            red.add_piece(i)
-        red.buf[114] = 0 if stops is None else stops[rank]
-        results[rank] = red.allreduce().copy()
+        red = ReproducibleReducer(_ThreadComm(world, rank), LAYOUT, dtype, chunk)
+        for a, b, piece in red.begin(batch):
+            piece.buf[:] = values(a // chunk, dtype)
+            red.add_piece(piece)
+        red.result.buf[114] = 0 if stops is None else stops[rank]
+        results[rank] = red.allreduce().buf.copy()
 
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(P)]
     for t in threads:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpbp.data import batch_indices, batches_per_epoch
-from dpbp.reduce import make_reducer
+from dpbp.reduce import Layout, make_reducer
 
 
 class Rank:
@@ -30,7 +30,7 @@ def rank_rows(n, B, P, seed, step, shuffle, drop_last, mode, chunk):
     idx, epoch = batch_indices(n, B, seed, step, shuffle, drop_last)
     out = []
     for r in range(P):
-        reducer = make_reducer(mode, Rank(r, P), 1, "float64", [], chunk)
+        reducer = make_reducer(mode, Rank(r, P), Layout([(1,)]), "float64", chunk)
         out.append([int(i) for a, b in reducer.pieces(len(idx)) for i in idx[a:b]])
     return out, epoch
 

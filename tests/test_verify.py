@@ -14,7 +14,7 @@ from dpbp.comm import SerialComm
 from dpbp.config import load_config
 from dpbp.errors import EXIT_FAULT, EXIT_USAGE
 from dpbp.model import count_params, param_names
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 from tests.conftest import REPO
 
 MODELS = {
@@ -84,7 +84,7 @@ def test_a_corrupted_training_gradient_fails_naming_the_tensor(capsys, monkeypat
 
     def corrupted(self, idx, stop=0.0):
         stats = original(self, idx, stop)
-        W = self.model.nabla_w[1]
+        W = self.grads.nabla_w[1]
         W[0, 0] += relative * np.max(np.abs(W))
         return stats
 
@@ -105,7 +105,7 @@ def test_an_l2_term_added_twice_fails_against_finite_differences_on_weights_only
     def twice(nabla_w, nabla_b, weights, l2, divisor, *rest):
         return losses.finish_gradient(nabla_w, nabla_b, weights, 2 * l2, divisor, *rest)
 
-    monkeypatch.setattr("dpbp.train.finish_gradient", twice)
+    monkeypatch.setattr("dpbp.step.finish_gradient", twice)
     monkeypatch.setattr("dpbp.verify.finish_gradient", twice)
     status, out, err = _run(capsys, *MODELS["deep-tanh"])
     assert status == EXIT_FAULT
@@ -119,7 +119,7 @@ def test_json_names_the_failing_tensor(capsys, monkeypatch):
 
     def corrupted(self, idx, stop=0.0):
         stats = original(self, idx, stop)
-        self.model.nabla_b[0][2] *= 1.01
+        self.grads.nabla_b[0][2] *= 1.01
         return stats
 
     monkeypatch.setattr(Trainer, "gradient", corrupted)

@@ -13,7 +13,7 @@ from dpbp.comm import get_comm
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.model import MLP, initial_params
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 
 SIZES = [64, 32, 24, 10]
 
@@ -38,9 +38,9 @@ def test_bucketed_reduction_gives_the_full_batch_gradient(batch, bucket_mb, n_bu
     x, (t, labels) = train.x[idx], train.targets(idx)
     out = full.forward(x)
     E = full.backward(t)
-    for g, g_full, W in zip(trainer.model.nabla_w, full.nabla_w, full.weights):
+    for g, g_full, W in zip(trainer.grads.nabla_w, full.nabla_w, full.weights):
         np.testing.assert_allclose(g, g_full / batch + 0.01 * W, rtol=1e-12, atol=1e-14)
-    for g, g_full in zip(trainer.model.nabla_b, full.nabla_b):
+    for g, g_full in zip(trainer.grads.nabla_b, full.nabla_b):
         np.testing.assert_allclose(g, g_full / batch, rtol=1e-12, atol=1e-14)
     assert stats[0] == pytest.approx(E, rel=1e-12)
     assert stats[1] == np.count_nonzero(out.argmax(axis=1) == labels)

@@ -19,7 +19,7 @@ from dpbp.data import batch_indices, load_data
 from dpbp.errors import UserError
 from dpbp.model import initial_params
 from dpbp.partition import share
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 from tests.conftest import rchar
 
 N, WIDTH = 256, 8192  # 64 KiB rows: no two rows of a batch are close enough to be read together

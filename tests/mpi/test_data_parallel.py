@@ -13,7 +13,7 @@ from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.model import MLP, initial_params
 from dpbp.partition import share
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 
 
 @pytest.mark.mpi
@@ -37,9 +37,9 @@ def test_allreduced_gradient_is_the_full_batch_gradient(batch, reduction, l2):
     for W, g in zip(full.weights, full.nabla_w):
         pass
     expected_w = [g / (batch if reduction == "mean" else 1) + l2 * W for W, g in zip(full.weights, full.nabla_w)]
-    for k, g in enumerate(trainer.model.nabla_w):
+    for k, g in enumerate(trainer.grads.nabla_w):
         np.testing.assert_allclose(g, expected_w[k], rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(trainer.model.nabla_b[0], full.nabla_b[0] / (batch if reduction == "mean" else 1),
+    np.testing.assert_allclose(trainer.grads.nabla_b[0], full.nabla_b[0] / (batch if reduction == "mean" else 1),
                                rtol=1e-12, atol=1e-14)
     del expected
 

@@ -15,7 +15,7 @@ from dpbp.comm import SerialComm, get_comm
 from dpbp.config import load_config
 from dpbp.data import load_data
 from dpbp.model import initial_params
-from dpbp.train import Trainer
+from dpbp.step import Trainer
 
 
 def _trainer(comm, overrides):
@@ -32,8 +32,8 @@ def _step_gradients(trainer, batches, steps=3):
     rng = np.random.default_rng(5)
     for _ in range(steps):
         idx = rng.choice(len(trainer.data), batches, replace=False)
-        stats = trainer.step(idx)
-        out.append((trainer.model.grad.copy(), stats[:2].copy()))
+        trainer.step(idx)
+        out.append((trainer.grad.copy(), trainer.stats[:2].astype(np.float64)))
     return out
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dpbp.comm import get_comm
 from dpbp.data import batch_indices, batches_per_epoch
-from dpbp.reduce import make_reducer
+from dpbp.reduce import Layout, make_reducer
 
 SAME_ON_EVERY_RANK = settings(derandomize=True, database=None, deadline=None, max_examples=60,
                               phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
@@ -29,7 +29,7 @@ SAME_ON_EVERY_RANK = settings(derandomize=True, database=None, deadline=None, ma
 def test_ranks_together_use_every_sample_once_per_epoch(n, B, seed, epoch, drop_last, mode, chunk):
     comm = get_comm()
     per_epoch = batches_per_epoch(n, B, drop_last)
-    reducer = make_reducer(mode, comm, 1, "float64", [], chunk)
+    reducer = make_reducer(mode, comm, Layout([(1,)]), "float64", chunk)
     mine, batches = [], []
     for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
         idx, _ = batch_indices(n, B, seed, step, True, drop_last)

@@ -1,0 +1,239 @@
+"""The run directory: choosing and checking it, the starting parameters, checkpoints, resume, metrics trimming.
+
+A run directory holds config.toml (the resolved config), header.jsonl, metrics.jsonl, ckpt-*.npz and, at
+the end, final.npz. Only rank 0 writes; every rank learns rank 0's decisions by one broadcast, so a bad
+directory or checkpoint fails on every rank alike.
+
+What a checkpoint holds, so that resume is bitwise exact: the parameters, the optimizer's state, the step
+and the sampler's position (the sampler is a pure function of (seed, epoch), so (epoch, position) is its
+whole state), and the trajectory (the config keys and data that decide the numbers), checked on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zlib
+
+import numpy as np
+
+from dpbp import __version__
+from dpbp import checkpoint as ckpt
+from dpbp.config import OPTIONS, to_toml, trajectory_hash, trajectory_items
+from dpbp.data import epoch_order, epoch_position
+from dpbp.errors import UserError, warn
+from dpbp.model import initial_params, param_names, param_shapes
+
+DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option holds
+
+
+def choose_run_dir(args, comm):
+    """Rank 0 picks the directory (and checks it); every rank learns the answer."""
+    error, run_dir = None, None
+    if comm.rank == 0:
+        if args.resume:
+            run_dir = args.resume
+        elif args.out:
+            run_dir = args.out
+            if ckpt.list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "final.npz")):
+                error = (f"--out {run_dir!r} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another directory")
+        else:
+            stem = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
+            base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir, k = base, 1
+            while os.path.exists(run_dir):
+                run_dir, k = f"{base}-{k}", k + 1
+        if error is None:
+            error = _make_writable(run_dir)
+    error, run_dir = comm.bcast((error, run_dir))
+    if error:
+        raise UserError(error)
+    return run_dir
+
+
+def _make_writable(run_dir):
+    """None, or why run_dir cannot be the output directory; here, so that an unusable directory is one
+    clear message rather than a crash later."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        return f"cannot use {run_dir!r} as the output directory: {e.strerror or e}"
+    if not os.access(run_dir, os.W_OK):
+        return f"output directory {run_dir!r} is not writable"
+    return None
+
+
+def init_kind(cfg):
+    """model.init resolved: "auto" is the tutorial's weights for its 2-2-2 example on the built-in seed
+    data, and "uniform" (He for relu, Glorot otherwise) for everything else."""
+    if cfg["model.init"] != "auto":
+        return cfg["model.init"]
+    seed_example = cfg["data.name"] == "seed" and cfg["model.sizes"] == [2, 2, 2] and not cfg["data.path"]
+    return "seed_example" if seed_example else "uniform"
+
+
+def starting_params(cfg, init_path=None):
+    """{name: float64 array}: the --init (or --params) file's, else model.init's."""
+    if init_path:
+        return ckpt.load_params(init_path, param_names(len(cfg["model.sizes"]) - 1),
+                                param_shapes(cfg["model.sizes"]))
+    return initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"], init_kind(cfg))
+
+
+def params_dict(model):
+    return {name: v.copy() for name, v in model.tensors().items()}
+
+
+def write_config(run_dir, cfg):
+    """Rank 0: the resolved config, which --resume and the evaluation commands read back."""
+    with open(os.path.join(run_dir, "config.toml"), "w") as f:
+        f.write(to_toml(cfg))
+
+
+def save_final(run_dir, model, step):
+    """Rank 0: final.npz, atomically."""
+    path = os.path.join(run_dir, "final.npz")
+    ckpt.save(path, params_dict(model), {"step": step, "dpbp": __version__})
+    return path
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def data_digest(data):
+    """SHA-256 (16 hex digits) of the training inputs and targets, computed once per run."""
+    if getattr(data, "_digest", None) is None:
+        h = hashlib.sha256()
+        data.update_hash(h)  # chunk by chunk: a data file is never held whole
+        data._digest = h.hexdigest()[:16]
+    return data._digest
+
+
+def run_trajectory(cfg, data):
+    """Everything that decides the numbers a run computes: trajectory config keys and the data."""
+    return {**trajectory_items(cfg), DATA_KEY: data_digest(data)}
+
+
+def sampler_check(cfg, n, epoch):
+    """CRC-32 of the epoch's permutation: proves on resume that the sampler still draws the same order."""
+    return zlib.crc32(epoch_order(n, cfg["seed"], epoch, cfg["data.shuffle"]).astype(np.int64))
+
+
+def save_checkpoint(comm, trainer, run_dir, step):
+    """Rank 0: parameters, optimizer state and counters, atomically; the random state is (seed, epoch,
+    position) because the sampler is a pure function of them and there is no other randomness after step 0."""
+    if comm.rank != 0:
+        return
+    cfg, n = trainer.cfg, len(trainer.data)
+    epoch, position = epoch_position(n, cfg["data.batch_size"], step, cfg["data.drop_last"])
+    arrays = params_dict(trainer.model)
+    for name, value in trainer.opt.state().items():
+        arrays[f"optim.{name}"] = value.copy()
+    meta = {"step": step, "epoch": epoch, "position_in_epoch": position,
+            "rng": {"sampler": "permutation of the epoch from default_rng([seed, epoch])", "seed": cfg["seed"],
+                    "epoch_order_crc32": sampler_check(cfg, n, epoch)},
+            "trajectory": run_trajectory(cfg, trainer.data), "trajectory_hash": trajectory_hash(cfg),
+            "config": to_toml(cfg), "world_size": comm.size, "comm.reduce": cfg["comm.reduce"],
+            "dpbp": __version__, "numpy": np.__version__}
+    ckpt.save(ckpt.checkpoint_path(run_dir, step), arrays, meta)
+    ckpt.prune(run_dir, cfg["train.keep_checkpoints"])
+
+
+def resume(run_dir, force, comm, trainer):
+    """Continue from the newest valid checkpoint in run_dir; returns (step, path), or (0, None) when there
+    is none yet (a fresh start there). Rank 0 reads and checks; every rank gets the result."""
+    found = error = None
+    if comm.rank == 0:
+        try:
+            found = ckpt.newest_valid(run_dir, warn, max_bytes=16 * trainer.model.params.nbytes + (64 << 20))
+            if found is not None:
+                error = resume_problem(found, force, comm.size, trainer)
+        except UserError as e:
+            error = str(e)
+    found, error = comm.bcast((None if error else found, error))
+    if error:
+        raise UserError(error)
+    if found is None:
+        return 0, None
+    arrays, meta, path = found
+    trainer.model.load({k: arrays[k] for k in trainer.model.names})
+    trainer.opt.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
+    return meta["step"], path
+
+
+def trajectory_changes(saved, now):
+    """Sorted keys whose values differ; a key that a checkpoint of an older dpbp lacks counts as its
+    default (the value that older dpbp computed with)."""
+    def value(items, k):
+        return items[k] if k in items else (OPTIONS[k].default if k in OPTIONS else None)
+    return sorted(k for k in set(saved) | set(now) if value(saved, k) != value(now, k))
+
+
+def resume_problem(found, force, world_size, trainer):
+    """Rank 0: why this checkpoint cannot continue this run (None if it can); warns about the rest."""
+    arrays, meta, path = found
+    cfg, model = trainer.cfg, trainer.model
+    saved, now = meta.get("trajectory", {}), run_trajectory(cfg, trainer.data)
+    differing = trajectory_changes(saved, now)
+    if not differing and meta.get("rng", {}).get("epoch_order_crc32") != sampler_check(
+            cfg, len(trainer.data), meta.get("epoch", 0)):
+        differing = ["sampler (the epoch's permutation; another numpy version?)"]
+    if differing:
+        detail = "; ".join(f"{k}: {saved.get(k, '?')!r} -> {now.get(k, '?')!r}" for k in differing)
+        if not force:
+            return (f"cannot resume from {path}: the config changes the trajectory ({detail}); "
+                    f"pass --force to resume anyway")
+        warn(f"--force: resuming from {path} although the trajectory changes ({detail})")
+    return _shape_problem(arrays, path, model) or _state_problem(arrays, path, force, trainer) or \
+        _reduction_warning(meta, cfg, world_size)
+
+
+def _shape_problem(arrays, path, model):
+    for name, shape in zip(model.names, model.shapes):
+        if name not in arrays or arrays[name].shape != tuple(shape):
+            got = arrays[name].shape if name in arrays else "nothing"
+            return f"{path}: does not fit this model: {name} is {got}, the model needs {tuple(shape)}"
+    return None
+
+
+def _state_problem(arrays, path, force, trainer):
+    """None if the checkpoint holds the optimizer's state (filled in with zeros under --force)."""
+    velocity = trainer.opt.state().get("velocity")
+    if velocity is not None and arrays.get("optim.velocity", np.empty(0)).shape != velocity.shape:
+        if not force:
+            return f"{path}: holds no momentum for this model (optim.velocity); pass --force to start it at zero"
+        arrays["optim.velocity"] = np.zeros_like(velocity)
+    return None
+
+
+def _reduction_warning(meta, cfg, world_size):
+    if meta.get("world_size") != world_size and cfg["comm.reduce"] == "fast":
+        warn(f"resuming a {meta.get('world_size')}-rank run on {world_size} ranks with comm.reduce = 'fast': "
+             f"results differ from an uninterrupted run by rounding; 'reproducible' makes them bitwise equal")
+    elif meta.get("comm.reduce", cfg["comm.reduce"]) != cfg["comm.reduce"]:
+        warn(f"comm.reduce was {meta.get('comm.reduce')!r} and is now {cfg['comm.reduce']!r}: results differ "
+             f"from an uninterrupted run by rounding")
+    return None
+
+
+def trim_metrics(run_dir, step):
+    """Rank 0: drop metrics.jsonl records past `step` (written after the checkpoint the run resumes from,
+    or cut short by a kill), so the file reads as one run."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)

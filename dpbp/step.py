@@ -1,0 +1,150 @@
+"""The training step: model + reducer + optimizer for one config, the code path every tool measures.
+
+One step, on every rank:
+    this rank's share of the global batch -> model.forward -> model.backward into the reducer's pieces
+        (sums of dE_n/dw: nothing is averaged per rank)
+    -> ONE in-place Allreduce of [gradient | loss | correct | stop flag]   (reduce.py)
+    -> 1/(global batch) for the mean (folded into delta^(L)) + lambda W, once  (losses.py)
+    -> the identical update on every rank                                  (optim.py)
+Exact because E_total = sum_n E_n, so dE_total/dw = sum_n dE_n/dw: partial sums add up to the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from dpbp.errors import UserError
+from dpbp.losses import batch_divisor, finish_gradient, l2_penalty
+from dpbp.model import MLP, count_params
+from dpbp.optim import SGD
+from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
+
+
+class StepStats(NamedTuple):
+    """What one step reports, the same on every rank."""
+
+    loss: float  # E of the batch as reported: data term (/B for mean) + lambda/2 sum ||W||^2, before the update
+    correct: float  # samples whose largest output is their label (0 without labels)
+    stop: float  # how many ranks were asked to stop (by a signal) before this step
+    samples: int  # the global batch
+
+
+class Trainer:
+    """Model + reducer + optimizer for one config.
+
+    ``input_hook(x)``, if set, sees each piece's gathered inputs before forward (fault injection in
+    tests); None costs nothing.
+    """
+
+    def __init__(self, cfg, comm, data):
+        self.cfg, self.comm, self.data = cfg, comm, data
+        self.model = model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"],
+                                 cfg["loss.kind"], cfg["model.dtype"])
+        bucket_bytes = cfg["comm.bucket_mb"] * 2**20
+        self.reducer = make_reducer(cfg["comm.reduce"], comm, Layout(model.shapes), model.dtype,
+                                    cfg["comm.chunk"], bucket_bytes)
+        self.opt = SGD(model.params, cfg["optim.lr"], cfg["optim.momentum"])
+        self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
+        self.input_hook: Callable[[np.ndarray], None] | None = None
+        # Rows are gathered straight into the model's input buffer, or staged when the data's dtype differs.
+        x = data.x
+        self._stage = None if x.dtype == model.dtype else np.empty((0, x.shape[1]), x.dtype)
+        self._l2_scratch = np.empty(max(W.size for W in model.weights), model.dtype) if cfg["loss.l2"] else None
+
+    @property
+    def grads(self):
+        """The reduced gradient's views (after ``gradient``): .flat, .nabla_w, .nabla_b."""
+        return self.reducer.result.grads
+
+    @property
+    def grad(self):
+        return self.reducer.result.grads.flat
+
+    @property
+    def stats(self):
+        return self.reducer.result.stats
+
+    def _inputs(self, rows):
+        """The model's input buffer holding data.x[rows], filled without temporaries."""
+        x = self.model.input_buffer(len(rows))
+        if self._stage is None:
+            np.take(self.data.x, rows, axis=0, out=x, mode="clip")  # "clip": "raise" would buffer a copy
+        else:
+            if len(self._stage) < len(rows):
+                self._stage = np.empty((len(rows), x.shape[1]), self._stage.dtype)
+            stage = self._stage[:len(rows)]
+            np.take(self.data.x, rows, axis=0, out=stage, mode="clip")
+            np.copyto(x, stage)
+        if self.input_hook is not None:
+            self.input_hook(x)
+        return x
+
+    def gradient(self, idx, stop=0.0):
+        """All ranks: the full-batch gradient of the regularised error for global indices idx.
+
+        Leaves it in self.grads and returns the reduced statistics (loss sum, correct count, stop flags
+        summed over ranks) as float64.
+        """
+        model, data, reducer = self.model, self.data, self.reducer
+        B = len(idx)
+        scale = 1.0 / batch_divisor(self.cfg["loss.reduction"], B)  # rides delta^(L): see MLP.backward
+        ready = reducer.layer_ready
+        for a, b, piece in reducer.begin(B):
+            rows = idx[a:b]
+            out = model.forward(self._inputs(rows))
+            t, labels = data.targets(rows)  # from a data file: reads only these rows
+            piece.stats[LOSS] = model.backward(t, piece.grads, scale, ready)
+            piece.stats[CORRECT] = np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0
+            reducer.add_piece(piece)
+        reducer.result.stats[STOP] = stop
+        t0 = time.perf_counter()
+        result = reducer.allreduce()
+        self.comm_s += time.perf_counter() - t0
+        l2 = self.cfg["loss.l2"]
+        if l2:
+            grads = result.grads
+            finish_gradient(grads.nabla_w, grads.nabla_b, model.weights, l2, 1, self._l2_scratch)
+        return result.stats.astype(np.float64)
+
+    def step(self, idx, stop=0.0) -> StepStats:
+        """One update on global indices idx; returns what the step reports."""
+        penalty = l2_penalty(self.model.weights, self.cfg["loss.l2"])  # of the weights the loss is taken at
+        stats = self.gradient(idx, stop)
+        self.opt.step(self.grad)
+        loss = stats[LOSS] / batch_divisor(self.cfg["loss.reduction"], len(idx)) + penalty
+        return StepStats(loss, stats[CORRECT], stats[STOP], len(idx))
+
+    def first_nonfinite(self):
+        """The name of the first reduced gradient tensor holding NaN or inf, or None."""
+        for name, g in self.model.tensors(self.grad).items():
+            if not np.isfinite(g).all():
+                return name
+        return None
+
+    def gradient_finite(self):
+        """Cheap test first (one BLAS dot, no temporary); the exact test only if it overflows."""
+        g = self.grad
+        return math.isfinite(float(np.dot(g, g))) or bool(np.isfinite(g).all())
+
+
+def check_memory(cfg, n_train, size):
+    """UserError if one rank's buffers cannot fit in this machine's memory (a typo in model.sizes or
+    data.batch_size), rather than a MemoryError halfway through setting up."""
+    sizes, itemsize = cfg["model.sizes"], np.dtype(cfg["model.dtype"]).itemsize
+    n_params = count_params(sizes)
+    rows = -(-min(cfg["data.batch_size"], n_train) // size)
+    if cfg["comm.reduce"] == "reproducible":
+        rows = min(rows, cfg["comm.chunk"])
+    need = 4 * n_params * 8 + 2 * rows * sum(sizes) * itemsize  # params, gradient, momentum, reduce buffers
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UserError(f"model.sizes = {sizes} with data.batch_size = {cfg['data.batch_size']} needs about "
+                        f"{need / 2**30:.3g} GiB per rank; this machine has {have / 2**30:.3g} GiB")
