@@ -17,8 +17,7 @@ from dpbp.comm import SerialComm
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.layers import ACTIVATIONS
-from dpbp.losses import finish_gradient
-from dpbp.model import MLP, initial_params
+from dpbp.model import initial_params
 from dpbp.optim import BLOCK, SGD
 from dpbp.step import Trainer
 
@@ -99,65 +98,7 @@ def test_the_bound_catches_a_temporary_the_size_of_an_activation():
     assert peak_bytes(lambda: trainer.step(idx)) <= BOUND
 
 
-# ---------------------------------------------------------------- the in-place formulas
-
-
-@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "identity"])
-def test_activation_derivative_times_delta_matches_finite_differences(name):
-    f, f_prime_times = ACTIVATIONS[name]
-    rng = np.random.default_rng(1)
-    net = rng.normal(size=(5, 7))
-    net[np.abs(net) < 1e-3] = 0.5  # keep relu's kink away from the finite difference
-    delta = rng.normal(size=(5, 7))
-    out = f(net, np.empty_like(net))
-    h = 1e-6
-    numeric = (f(net + h, np.empty_like(net)) - f(net - h, np.empty_like(net))) / (2 * h)
-    got = f_prime_times(delta.copy(), out, np.empty_like(net))
-    np.testing.assert_allclose(got, delta * numeric, rtol=1e-6, atol=1e-9)
-
-
-def test_softmax_jacobian_times_delta_matches_the_explicit_jacobian():
-    f, jacobian_times = ACTIVATIONS["softmax"]
-    rng = np.random.default_rng(2)
-    net, delta = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
-    out = f(net, np.empty_like(net))
-    expected = np.stack([(np.diag(o) - np.outer(o, o)).T @ d for o, d in zip(out, delta)])
-    np.testing.assert_allclose(jacobian_times(delta.copy(), out, np.empty_like(net)), expected, rtol=1e-12,
-                               atol=1e-15)
-
-
-def test_backward_scale_gives_the_gradient_of_the_scaled_error_and_the_unscaled_error():
-    sizes = [3, 5, 4]
-    x = np.random.default_rng(3).normal(size=(6, 3))
-    t = np.eye(4)[[0, 1, 2, 3, 0, 1]]
-    plain, scaled = (MLP(sizes, "tanh", "softmax", "cross_entropy") for _ in range(2))
-    for m in (plain, scaled):
-        m.load(initial_params(sizes, "tanh", 0))
-        m.forward(x)
-    E = plain.backward(t)
-    assert scaled.backward(t, scale=1 / 6) == pytest.approx(E, rel=1e-15)
-    np.testing.assert_allclose(scaled.grad, plain.grad / 6, rtol=1e-13, atol=1e-16)
-
-
-def test_backward_reports_each_layer_once_last_first_with_its_gradient_final():
-    sizes = [3, 5, 4, 2]
-    m = MLP(sizes, "tanh", "softmax", "cross_entropy")
-    m.load(initial_params(sizes, "tanh", 0))
-    x, t = np.ones((2, 3)), np.eye(2)
-    m.forward(x)
-    m.backward(t)
-    final = m.grad.copy()
-    m.grad[:] = np.nan
-    seen = []
-
-    def ready(l):
-        seen.append(l)
-        np.testing.assert_array_equal(m.nabla_w[l], final_views[2 * l])
-        np.testing.assert_array_equal(m.nabla_b[l], final_views[2 * l + 1])
-    final_views = list(m.tensors(final).values())
-    m.forward(x)
-    m.backward(t, ready=ready)
-    assert seen == [2, 1, 0]
+# ---------------------------------------------------------------- the in-place update
 
 
 @pytest.mark.parametrize("n", [10, 2 * BLOCK + 5])  # one block; several, the last one partial
@@ -172,17 +113,6 @@ def test_sgd_step_is_the_momentum_formula(momentum, n):
     v1 = g1
     v2 = momentum * v1 + g2
     np.testing.assert_allclose(params, w0 - 0.1 * v1 - 0.1 * v2, rtol=1e-14)
-
-
-def test_l2_with_a_scratch_buffer_equals_the_plain_formula():
-    rng = np.random.default_rng(5)
-    weights = [rng.normal(size=(4, 3)), rng.normal(size=(2, 4))]
-    grads = [rng.normal(size=w.shape) for w in weights]
-    biases = [np.zeros(4), np.zeros(2)]
-    got = [g.copy() for g in grads]
-    finish_gradient(got, [b.copy() for b in biases], weights, 0.01, 1, np.empty(12))
-    for g_got, g, W in zip(got, grads, weights):
-        np.testing.assert_array_equal(g_got, g + 0.01 * W)
 
 
 def test_bucketed_and_plain_steps_give_identical_parameters():
