@@ -94,7 +94,7 @@ def fail(comm, agreement, prog, kind, text, code, grace_s):
 # communicator has seen this many collectives; a resumed run has seen fewer than the uninterrupted one at
 # the same step, so its first steps would round differently. Never switching keeps one algorithm from the
 # first call; it also keeps ranks from busy-waiting in the shared-memory algorithm when they outnumber the
-# cores (1000 steps of configs/seed.toml at -n 4 on 2 cores: 0.6 s instead of 8 s), and large Allreduces
+# cores (the seed config at -n 4 on 2 cores runs about ten times faster: docs/performance.md), and large Allreduces
 # cost the same. Read by MPICH when MPI starts; other MPI libraries ignore it; a value the user set wins.
 MPI_SETTINGS = {"MPIR_CVAR_POSIX_NUM_COLLS_THRESHOLD": "2147483647"}
 

@@ -6,8 +6,8 @@ the same step boundary that some rank was asked to stop, with no extra collectiv
 checkpoint and every rank exits with EXIT_PREEMPTED.
 
 Replica check: every ``train.check_replicas_every`` steps, and before every checkpoint, the ranks
-allgather a CRC-32 of their flat parameter buffer (one pass over the parameters, ~5 ms per 10^6 float64
-parameters at 1.5 GB/s, plus one allgather of an int) and a mismatch names the ranks that differ from
+allgather a CRC-32 of their flat parameter buffer (one pass over the parameters, at memory speed, plus
+one allgather of an int) and a mismatch names the ranks that differ from
 the majority.
 
 Fault injection, for tests only: DPBP_FAULT="WHAT:RANK:STEP[,WHAT:RANK:STEP...]" acts on rank RANK just

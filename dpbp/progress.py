@@ -113,7 +113,7 @@ class Progress:
             return
         self.last_train = rec
         if self.bar is None or self.verbose:
-            self.say(format_step(rec))
+            self.say(format_step(rec, self.comm.size > 1))
         if self.bar is not None:
             self.bar.set_description_str(f"epoch {rec['epoch']}", refresh=False)
             self.bar.set_postfix_str(self._postfix(), refresh=False)
@@ -131,7 +131,8 @@ class Progress:
         if rec is not None:
             rate = rec["samples_per_s"]
             rate = f"{rate / 1000:.0f}k" if rate >= 10000 else f"{rate:.0f}"
-            parts.append(f"{rate} samples/s allreduce {100 * comm_share(rec):.0f}%")
+            share = f" allreduce {100 * comm_share(rec):.0f}%" if self.comm.size > 1 else ""  # alone: no Allreduce
+            parts.append(f"{rate} samples/s{share}")
         return " ".join(parts)
 
     # ------------------------------------------------------------ the end
@@ -206,10 +207,12 @@ def comm_share(rec):
     return rec["comm_s"] / rec["step_s"] if rec.get("step_s") else 0.0
 
 
-def format_step(rec):
+def format_step(rec, reduced=True):
+    """One plain progress line; reduced: several ranks, so the Allreduce's share of the time is shown."""
     acc = f" accuracy {rec['accuracy']:.4f}" if "accuracy" in rec else ""
+    share = f" allreduce {100 * comm_share(rec):.1f}%" if reduced else ""
     return (f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.6g}{acc} "
-            f"samples/s {rec['samples_per_s']:.0f} allreduce {100 * comm_share(rec):.1f}%")
+            f"samples/s {rec['samples_per_s']:.0f}{share}")
 
 
 def format_eval(rec):

@@ -2,7 +2,7 @@
 
 OpenBLAS starts one thread per core in every process. With several ranks on a node that oversubscribes the
 cores, and its spinning threads then crowd each other out: the benchmark model at ``mpirun -n 2`` on 2 cores
-ran 12x slower (1,320 against 15,900 samples/s) until each rank used one thread. BLAS libraries read their
+ran an order of magnitude slower until each rank used one thread (docs/performance.md). BLAS libraries read their
 thread count once, when they load, so this runs on ``import dpbp`` (before dpbp imports numpy) and only sets
 environment variables (or, if numpy was imported first, sets the BLAS pool with threadpoolctl when that
 is installed). Standard library only otherwise.

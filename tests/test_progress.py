@@ -23,7 +23,8 @@ SIZES = [2, 16, 2]
 SMALL = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", f"model.sizes={SIZES}",
          "--set", "train.steps=20", "--set", "data.batch_size=9", "--set", "train.log_every=5",
          "--set", "train.eval_every=10"]
-STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+) accuracy (\S+) samples/s (\d+) allreduce (\S+)%$")
+# The Allreduce's share of the time is shown when there are several ranks (group 6).
+STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+) accuracy (\S+) samples/s (\d+)(?: allreduce (\S+)%)?$")
 
 
 def mpi_library():
@@ -31,6 +32,12 @@ def mpi_library():
     out = subprocess.run([sys.executable, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return " ".join(out.strip().splitlines()[0].split())
+
+
+def test_a_serial_run_reports_no_allreduce_share(run_cli, tmp_path):
+    proc = run_cli("train", *SMALL, "--out", tmp_path / "run", check=True)
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 4 and not any("allreduce" in line for line in steps), proc.stdout
 
 
 def test_plain_lines_off_a_terminal(run_cli, tmp_path):
@@ -43,6 +50,7 @@ def test_plain_lines_off_a_terminal(run_cli, tmp_path):
     train, val = metrics(out)
     step_lines = [STEP_LINE.match(line) for line in lines if line.startswith("step ")]
     assert all(step_lines) and [int(m.group(1)) for m in step_lines] == [5, 10, 15, 20]
+    assert all(m.group(6) is not None for m in step_lines)  # 2 ranks: the Allreduce's share is shown
     assert [m.group(3) for m in step_lines] == [f"{r['loss']:.6g}" for r in train]
     assert [line for line in lines if line.startswith("eval step")] == [
         f"eval step {r['step']} epoch {r['epoch']} val_loss {r['loss']:.6g} accuracy {r['accuracy']:.4f}"
@@ -132,7 +140,8 @@ def test_a_bar_on_a_terminal(tmp_path, ranks):
     assert status == 0, text
     # tqdm redraws its line after a carriage return; the last drawing shows every figure.
     final = re.findall(r"\r(epoch 0: 100%\|.*? 20/20 \[.*?\])", text)
-    assert final and re.search(r"loss \S+ acc \S+ val_acc \S+ \S+ samples/s allreduce \d+%\]$", final[-1]), text
+    share = r" allreduce \d+%" if ranks else ""  # one process has no Allreduce to report
+    assert final and re.search(rf"loss \S+ acc \S+ val_acc \S+ \S+ samples/s{share}\]$", final[-1]), text
     assert not any(line.startswith("step ") for line in text.split("\n")), text  # the bar replaces them
     assert text.count("world size") == 1 and f"world size {ranks or 1} " in text
     assert text.count("done: 20 steps") == 1
