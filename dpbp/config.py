@@ -41,6 +41,10 @@ def _sizes_ok(v):
     return len(v) >= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v)
 
 
+def _betas_ok(v):
+    return len(v) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+
+
 def _fraction(v):
     return 0 <= v < 1
 
@@ -56,6 +60,10 @@ SCHEMA: tuple[Option, ...] = (
            choices=("sigmoid", "identity", "softmax")),
     Option("model.dtype", "float64", str, "Floating-point type of parameters, activations and gradients.",
            choices=("float64", "float32")),
+    Option("model.dropout", 0.0, float,
+           "Inverted dropout on hidden units while training: each is zeroed with this probability and the rest "
+           "scaled by 1 / (1 - p); the mask depends only on (seed, step, sample's place in the batch, layer, unit).",
+           check=_fraction, allowed="0 <= p < 1"),
     Option("model.init", "auto", str,
            "Initial weights. uniform: W ~ U(-a, a), a = sqrt(6 / fan_in) for relu (He), sqrt(6 / (fan_in + "
            "fan_out)) otherwise (Glorot), biases 0, from seed; seed_example: the tutorial's 2-2-2 weights; "
@@ -69,9 +77,35 @@ SCHEMA: tuple[Option, ...] = (
            choices=("sum", "mean")),
     Option("loss.l2", 1e-4, float, "L2 penalty lambda/2 * sum ||W||^2 on weights (not biases).",
            check=_non_negative, allowed=">= 0"),
-    Option("optim.lr", 0.1, float, "Learning rate eta in w <- w - eta * v.", check=_positive, allowed="> 0"),
-    Option("optim.momentum", 0.9, float, "Momentum mu in v <- mu * v + g (0 = plain SGD).",
+    Option("optim.kind", "sgd", str,
+           "sgd: w <- w - eta v with momentum (torch.optim.SGD); adam / adamw: torch.optim.Adam / AdamW.",
+           choices=("sgd", "adam", "adamw")),
+    Option("optim.lr", 0.1, float, "Learning rate eta (the schedule's peak).", check=_positive, allowed="> 0"),
+    Option("optim.momentum", 0.9, float, "sgd: momentum mu in v <- mu * v + g (0 = plain SGD).",
            check=lambda v: 0 <= v < 1, allowed="0 <= momentum < 1"),
+    Option("optim.nesterov", False, bool, "sgd: step along g + mu v (Nesterov) instead of v."),
+    Option("optim.betas", [0.9, 0.999], list, "adam/adamw: decay rates (beta1, beta2) of the moment estimates.",
+           check=_betas_ok, allowed="two numbers in [0, 1)"),
+    Option("optim.eps", 1e-8, float, "adam/adamw: eps in the denominator sqrt(v_hat) + eps.",
+           check=_positive, allowed="> 0"),
+    Option("optim.weight_decay", 0.01, float, "adamw: decoupled decay w <- w - eta lambda w, on weights only.",
+           check=_non_negative, allowed=">= 0"),
+    Option("optim.schedule", "constant", str,
+           "Learning rate after warm-up: constant; step: eta gamma^floor((t - warmup) / step_size); cosine: "
+           "min_lr + (eta - min_lr)(1 + cos(pi (t - warmup) / (T - warmup))) / 2.",
+           choices=("constant", "step", "cosine")),
+    Option("optim.warmup_steps", 0, int, "Linear warm-up: eta (t + 1) / warmup for the first updates t.",
+           check=_non_negative, allowed=">= 0"),
+    Option("optim.min_lr", 0.0, float, "cosine: the learning rate at the last step.", check=_non_negative,
+           allowed=">= 0"),
+    Option("optim.step_size", 100, int, "step: updates between two decays.", check=_positive, allowed="> 0"),
+    Option("optim.gamma", 0.1, float, "step: factor of each decay.", check=_positive, allowed="> 0"),
+    Option("optim.clip_norm", 0.0, float,
+           "Scale the reduced gradient by min(1, c / (||g|| + 1e-6)) before the update (0 = off).",
+           check=_non_negative, allowed=">= 0"),
+    Option("optim.shard", False, bool,
+           "ZeRO stage 1: each rank keeps 1/P of the optimizer state, reduce-scatters the gradient and "
+           "allgathers the parameters (bitwise the same update).", trajectory=False),
     Option("data.name", "digits", str, "Built-in data set, used when data.path is empty.",
            choices=("seed", "xor", "spirals", "digits", "random")),
     Option("data.path", "", str,
@@ -90,6 +124,10 @@ SCHEMA: tuple[Option, ...] = (
            check=_fraction, allowed="0 <= fraction < 1"),
     Option("data.batch_size", 64, int, "Global batch: samples per step summed over all ranks.",
            check=_positive, allowed="> 0"),
+    Option("data.micro_batch", 0, int,
+           "Rows a rank runs forward/backward on at a time, adding each micro-batch's gradient before the "
+           "step's one reduction (0 = its whole share at once).", check=_non_negative, allowed=">= 0",
+           trajectory=False),
     Option("data.shuffle", True, bool, "Shuffle each epoch with a permutation from (seed, epoch); false keeps file order."),
     Option("data.drop_last", False, bool, "Drop the last partial batch of each epoch."),
     Option("train.steps", 0, int, "Steps to train (0: use train.epochs).", check=_non_negative, allowed=">= 0",
@@ -100,6 +138,10 @@ SCHEMA: tuple[Option, ...] = (
            check=_positive, allowed="> 0", trajectory=False),
     Option("train.eval_every", 100, int, "Steps between held-out evaluations (0: only at the end).",
            check=_non_negative, allowed=">= 0", trajectory=False),
+    Option("train.early_stop_patience", 0, int,
+           "Stop after this many held-out evaluations without a new best held-out loss (0 = never); the best "
+           "parameters are kept in best.npz whenever there is a held-out set.", check=_non_negative,
+           allowed=">= 0", trajectory=False),
     Option("train.checkpoint_every", 200, int, "Steps between checkpoints (0: only at the end).",
            check=_non_negative, allowed=">= 0", trajectory=False),
     Option("train.keep_checkpoints", 3, int, "How many of the newest checkpoints to keep.",
@@ -121,6 +163,9 @@ SCHEMA: tuple[Option, ...] = (
 )
 
 OPTIONS: dict[str, Option] = {o.key: o for o in SCHEMA}
+# Names other trainers use for a key, so that an unknown key can point to ours.
+SYNONYMS = {"learning_rate": "lr", "batch": "batch_size", "epochs_total": "epochs", "optimizer": "kind",
+            "dropout_rate": "dropout", "patience": "early_stop_patience", "warmup": "warmup_steps"}
 
 
 def defaults() -> dict[str, Any]:
@@ -152,7 +197,9 @@ def validate_value(key: str, value: Any, origin: str) -> Any:
     if key not in OPTIONS:
         section = key.rpartition(".")[0]
         same_section = [k for k in OPTIONS if k.rpartition(".")[0] == section]
-        close = (difflib.get_close_matches(key, OPTIONS, n=1)
+        name = SYNONYMS.get(key.rpartition(".")[2])
+        close = ([k for k in OPTIONS if k.rpartition(".")[2] == name][:1]
+                 or difflib.get_close_matches(key, OPTIONS, n=1)
                  or difflib.get_close_matches(key, same_section, n=1, cutoff=0.5))
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UserError(f"{origin}: unknown key {key!r}{hint}")

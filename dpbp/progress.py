@@ -152,6 +152,8 @@ class Progress:
         if val_rec is not None:
             text += f" | val_loss {val_rec['loss']:.6g}" + (f" val_accuracy {val_rec['accuracy']:.4f}"
                                                             if "accuracy" in val_rec else "")
+        if val_rec is not None and val_rec.get("best_step", -1) >= 0:
+            text += f" | best val_loss {val_rec['best_loss']:.6g} at step {val_rec['best_step']} (best.npz)"
         self.say(f"{text} | parameters in {final}", always=True)
 
     def close(self):

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -93,11 +95,41 @@ def write_config(run_dir, cfg):
         f.write(to_toml(cfg))
 
 
-def save_final(run_dir, model, step):
-    """Rank 0: final.npz, atomically."""
-    path = os.path.join(run_dir, "final.npz")
+def save_final(run_dir, model, step, name="final.npz"):
+    """Rank 0: final.npz (or best.npz, the same format), atomically."""
+    path = os.path.join(run_dir, name)
     ckpt.save(path, params_dict(model), {"step": step, "dpbp": __version__})
     return path
+
+
+@dataclass
+class Best:
+    """Early stopping's state: the best held-out loss so far, its step, and evaluations since. It rides in
+    every checkpoint (``as_meta``), so a resumed run stops where the uninterrupted one would."""
+
+    loss: float = math.inf
+    step: int = -1
+    since: int = 0
+
+    def update(self, loss, step):
+        """Note one held-out evaluation; True if it is a new best (strictly lower loss)."""
+        if loss < self.loss:
+            self.loss, self.step, self.since = loss, step, 0
+            return True
+        self.since += 1
+        return False
+
+    def exhausted(self, patience):
+        return bool(patience) and self.since >= patience
+
+    def as_meta(self):
+        return {"loss": self.loss if math.isfinite(self.loss) else None, "step": self.step, "since": self.since}
+
+    @classmethod
+    def from_meta(cls, meta):
+        if not meta:
+            return cls()
+        return cls(math.inf if meta.get("loss") is None else meta["loss"], meta.get("step", -1), meta.get("since", 0))
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -122,9 +154,10 @@ def sampler_check(cfg, n, epoch):
     return zlib.crc32(epoch_order(n, cfg["seed"], epoch, cfg["data.shuffle"]).astype(np.int64))
 
 
-def save_checkpoint(comm, trainer, run_dir, step):
-    """Rank 0: parameters, optimizer state and counters, atomically; the random state is (seed, epoch,
-    position) because the sampler is a pure function of them and there is no other randomness after step 0."""
+def save_checkpoint(comm, trainer, run_dir, step, best=None):
+    """Rank 0: parameters, optimizer state, counters and early stopping's state (a Best), atomically; the
+    random state is (seed, epoch, position) because the sampler and the dropout masks are pure functions
+    of them and of the seed."""
     if comm.rank != 0:
         return
     cfg, n = trainer.cfg, len(trainer.data)
@@ -137,14 +170,14 @@ def save_checkpoint(comm, trainer, run_dir, step):
                     "epoch_order_crc32": sampler_check(cfg, n, epoch)},
             "trajectory": run_trajectory(cfg, trainer.data), "trajectory_hash": trajectory_hash(cfg),
             "config": to_toml(cfg), "world_size": comm.size, "comm.reduce": cfg["comm.reduce"],
-            "dpbp": __version__, "numpy": np.__version__}
+            "dpbp": __version__, "numpy": np.__version__, "best": (best or Best()).as_meta()}
     ckpt.save(ckpt.checkpoint_path(run_dir, step), arrays, meta)
     ckpt.prune(run_dir, cfg["train.keep_checkpoints"])
 
 
 def resume(run_dir, force, comm, trainer):
-    """Continue from the newest valid checkpoint in run_dir; returns (step, path), or (0, None) when there
-    is none yet (a fresh start there). Rank 0 reads and checks; every rank gets the result."""
+    """Continue from the newest valid checkpoint in run_dir; returns (step, path, Best), or (0, None, Best())
+    when there is none yet (a fresh start there). Rank 0 reads and checks; every rank gets the result."""
     found = error = None
     if comm.rank == 0:
         try:
@@ -157,11 +190,11 @@ def resume(run_dir, force, comm, trainer):
     if error:
         raise UserError(error)
     if found is None:
-        return 0, None
+        return 0, None, Best()
     arrays, meta, path = found
     trainer.model.load({k: arrays[k] for k in trainer.model.names})
     trainer.opt.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
-    return meta["step"], path
+    return meta["step"], path, Best.from_meta(meta.get("best"))
 
 
 def trajectory_changes(saved, now):

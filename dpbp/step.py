@@ -51,6 +51,7 @@ class Trainer:
         self.opt = SGD(model.params, cfg["optim.lr"], cfg["optim.momentum"])
         self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
         self.input_hook: Callable[[np.ndarray], None] | None = None
+        self._micro = None  # a gradient buffer for micro-batches after a piece's first
         # Rows are gathered straight into the model's input buffer, or staged when the data's dtype differs.
         x = data.x
         self._stage = None if x.dtype == model.dtype else np.empty((0, x.shape[1]), x.dtype)
@@ -90,16 +91,11 @@ class Trainer:
         Leaves it in self.grads and returns the reduced statistics (loss sum, correct count, stop flags
         summed over ranks) as float64.
         """
-        model, data, reducer = self.model, self.data, self.reducer
+        model, reducer = self.model, self.reducer
         B = len(idx)
         scale = 1.0 / batch_divisor(self.cfg["loss.reduction"], B)  # rides delta^(L): see MLP.backward
-        ready = reducer.layer_ready
         for a, b, piece in reducer.begin(B):
-            rows = idx[a:b]
-            out = model.forward(self._inputs(rows))
-            t, labels = data.targets(rows)  # from a data file: reads only these rows
-            piece.stats[LOSS] = model.backward(t, piece.grads, scale, ready)
-            piece.stats[CORRECT] = np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0
+            piece.stats[LOSS], piece.stats[CORRECT] = self._piece(idx[a:b], piece.grads, scale)
             reducer.add_piece(piece)
         reducer.result.stats[STOP] = stop
         t0 = time.perf_counter()
@@ -110,6 +106,30 @@ class Trainer:
             grads = result.grads
             finish_gradient(grads.nabla_w, grads.nabla_b, model.weights, l2, 1, self._l2_scratch)
         return result.stats.astype(np.float64)
+
+    def _piece(self, rows, grads, scale):
+        """Forward/backward over rows into grads, data.micro_batch rows at a time (each micro-batch's gradient
+        added into grads: the sum rule again); returns (summed E, correct count)."""
+        micro = self.cfg["data.micro_batch"]
+        if not micro or len(rows) <= micro:
+            return self._forward_backward(rows, grads, scale, self.reducer.layer_ready)
+        if self._micro is None:
+            self._micro = self.model.grad_views(np.zeros(self.model.n_params, self.model.dtype))
+        E = correct = 0
+        for k, lo in enumerate(range(0, len(rows), micro)):
+            # No layer is final before the last micro-batch: the reducer starts its buckets in allreduce.
+            e, c = self._forward_backward(rows[lo:lo + micro], grads if k == 0 else self._micro, scale, None)
+            if k:
+                grads.flat += self._micro.flat
+            E, correct = E + e, correct + c
+        return E, correct
+
+    def _forward_backward(self, rows, grads, scale, ready):
+        model = self.model
+        out = model.forward(self._inputs(rows))
+        t, labels = self.data.targets(rows)  # from a data file: reads only these rows
+        E = model.backward(t, grads, scale, ready)
+        return E, (np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0)
 
     def step(self, idx, stop=0.0) -> StepStats:
         """One update on global indices idx; returns what the step reports."""

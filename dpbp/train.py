@@ -53,7 +53,10 @@ class Job:
     start: int  # the step it starts from (0, or a checkpoint's)
     progress: Progress
     verbose: bool
+    best: runs.Best  # early stopping's state
     val_rec: dict | None = None  # the newest held-out evaluation
+    step: int = 0  # the step reached
+    stopped_early: bool = False
 
 
 def total_steps(cfg, n_train):
@@ -92,7 +95,8 @@ def setup(args, comm):
     run_dir = runs.choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
     trainer = Trainer(cfg, comm, train_data)
     trainer.model.load(init)
-    start, resumed_from = runs.resume(args.resume, args.force, comm, trainer) if args.resume else (0, None)
+    start, resumed_from, best = runs.resume(args.resume, args.force, comm, trainer) if args.resume else \
+        (0, None, runs.Best())
     if comm.rank == 0:
         if args.resume:
             runs.trim_metrics(run_dir, start)
@@ -104,7 +108,7 @@ def setup(args, comm):
     steps = total_steps(cfg, len(train_data))
     progress.start(cfg, trainer.model, train_data, val_data, steps, start, resumed_from)
     warn_idle_ranks(cfg, len(train_data), comm.size, progress)
-    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose)
+    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start)
 
 
 def warn_idle_ranks(cfg, n_train, P, progress):
@@ -124,40 +128,54 @@ def due(every, step):
 
 
 def train_loop(job, stop, faults):
-    """Steps from job.start to job.steps; returns EXIT_PREEMPTED if a signal asked to stop, else None."""
+    """Steps from job.start to job.steps (or an early stop); returns EXIT_PREEMPTED if a signal asked to
+    stop, else None."""
     cfg, trainer, comm, progress = job.cfg, job.trainer, job.trainer.comm, job.progress
     n, B = len(trainer.data), cfg["data.batch_size"]
     meter = Meter(trainer.data.labels is not None)
-    step = job.start
-    while step < job.steps:
+    step, patience = job.start, cfg["train.early_stop_patience"]
+    while step < job.steps and not job.best.exhausted(patience):
         idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
         if faults is not None:
             faults.before_step(step, trainer)
         stats = trainer.step(idx, stop.flag)
         check_finite(trainer, stats.loss, step, job.run_dir)
-        step += 1
+        step = job.step = step + 1
         meter.add(stats.loss, stats.correct, stats.samples)
         progress.tick(step, stats.samples)
         last = step == job.steps
-        checkpoint_due = due(cfg["train.checkpoint_every"], step) or last or stats.stop > 0
-        if cfg["train.check_replicas_every"] and (due(cfg["train.check_replicas_every"], step) or checkpoint_due):
-            check_replicas(comm, trainer.model, step)  # so no checkpoint holds a diverged replica
         if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
+            check_replicas(comm, trainer.model, step, cfg)
             return preempt(job, step)
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
-            job.val_rec = eval_record(job, step, epoch)
-            progress.record(job.val_rec)
-        if checkpoint_due:
-            runs.save_checkpoint(comm, trainer, job.run_dir, step)
+            evaluate_and_keep_best(job, step, epoch)
+        stopping = last or job.best.exhausted(patience)
+        if due(cfg["train.checkpoint_every"], step) or stopping:
+            check_replicas(comm, trainer.model, step, cfg)  # so no checkpoint holds a diverged replica
+            runs.save_checkpoint(comm, trainer, job.run_dir, step, job.best)
+        elif due(cfg["train.check_replicas_every"], step):
+            check_replicas(comm, trainer.model, step, cfg)
+    job.stopped_early = job.best.exhausted(patience)
     return None
+
+
+def evaluate_and_keep_best(job, step, epoch):
+    """The held-out figures, recorded; a new best loss goes to best.npz (rank 0) and every record says
+    which step holds the best so far."""
+    rec = eval_record(job, step, epoch)
+    if job.best.update(rec["loss"], step) and job.trainer.comm.rank == 0:
+        runs.save_final(job.run_dir, job.trainer.model, step, "best.npz")
+    rec.update(best_step=job.best.step, best_loss=job.best.loss)
+    job.val_rec = rec
+    job.progress.record(rec)
 
 
 def preempt(job, step):
     """A signal asked some rank to stop: checkpoint, then every rank exits for a requeue."""
     comm = job.trainer.comm
-    runs.save_checkpoint(comm, job.trainer, job.run_dir, step)
+    runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
     # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on the first
     # non-zero exit (Slurm's KillOnBadExit) must not cut the write short.
     comm.barrier()
@@ -168,12 +186,16 @@ def preempt(job, step):
 
 def finish(job, wall):
     """final.npz (rank 0), a held-out evaluation at the last step if there was none, the summary."""
-    step, comm = max(job.start, job.steps), job.trainer.comm  # a resume may find the run already past steps
+    step, comm = job.step, job.trainer.comm
     final = os.path.join(job.run_dir, "final.npz")
     if comm.rank == 0:
         runs.save_final(job.run_dir, job.trainer.model, step)
     if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
         job.val_rec = eval_record(job, step, None)
+        job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)
+    if job.stopped_early:
+        job.progress.say(f"early stop at step {step}: {job.cfg['train.early_stop_patience']} held-out "
+                         f"evaluations without a new best loss")
     job.progress.summary(step - job.start, step, wall, job.val_rec, final)
 
 
@@ -205,7 +227,9 @@ def check_finite(trainer, loss, step, run_dir):
                             f"checkpoint in {run_dir} is the last good one")
 
 
-def check_replicas(comm, model, step):
+def check_replicas(comm, model, step, cfg):
+    if not cfg["train.check_replicas_every"]:
+        return
     mismatch = replica_mismatch(comm, model.params)
     if mismatch:
         raise TrainingFault(f"replica check at step {step}: ranks hold different parameters: {mismatch}")
