@@ -310,7 +310,7 @@ def trajectory_hash(cfg: dict[str, Any]) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference table that README.md embeds (a test keeps them equal)."""
+    """The config reference table that docs/config.md embeds (a test keeps them equal)."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for o in SCHEMA:
         allowed = ", ".join(f"`{c}`" for c in o.choices) if o.choices else (o.allowed or _type_name(o.default))
@@ -333,7 +333,7 @@ def update_readme(path: str) -> None:
         f.write(head + sep + reference_markdown() + sep2 + tail)
 
 
-if __name__ == "__main__":  # python -m dpbp.config --markdown | --readme README.md
+if __name__ == "__main__":  # python -m dpbp.config --markdown | --readme docs/config.md
     import sys
     if sys.argv[1:] == ["--markdown"]:
         print(reference_markdown(), end="")
