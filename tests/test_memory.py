@@ -19,7 +19,6 @@ from dpbp.data import batch_indices, load_data
 from dpbp.layers import ACTIVATIONS
 from dpbp.losses import finish_gradient
 from dpbp.model import MLP, initial_params
-from dpbp.optim import BLOCK, SGD
 from dpbp.train import Trainer
 
 BOUND = 128 * 1024  # bytes a step may allocate at its peak
@@ -158,20 +157,6 @@ def test_backward_reports_each_layer_once_last_first_with_its_gradient_final():
     m.forward(x)
     m.backward(t, ready=ready)
     assert seen == [2, 1, 0]
-
-
-@pytest.mark.parametrize("n", [10, 2 * BLOCK + 5])  # one block; several, the last one partial
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_sgd_step_is_the_momentum_formula(momentum, n):
-    rng = np.random.default_rng(4)
-    w0, g1, g2 = rng.normal(size=(3, n))
-    params = w0.copy()
-    opt = SGD(params, lr=0.1, momentum=momentum)
-    opt.step(g1)
-    opt.step(g2)
-    v1 = g1
-    v2 = momentum * v1 + g2
-    np.testing.assert_allclose(params, w0 - 0.1 * v1 - 0.1 * v2, rtol=1e-14)
 
 
 def test_l2_with_a_scratch_buffer_equals_the_plain_formula():
