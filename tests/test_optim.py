@@ -369,11 +369,12 @@ def test_clipping_above_the_threshold_scales_like_torch(n, scratch):
     assert np.linalg.norm(g) == pytest.approx(2.0 * norm / (norm + 1e-6), rel=1e-13)
 
 
-def test_float32_norm_is_accumulated_in_float64():
-    """Values whose float32 sum of squares loses the small terms: 1 + 2^-12 squared many times."""
-    g = np.full(1 << 16, 1.0, np.float32)
+def test_float32_norm_is_squared_and_accumulated_in_float64():
+    """(1 + 2^-20)^2 = 1 + 2^-19 + 2^-40 loses its last term in float32, and float32 sums of 1s lose 2^-24s;
+    in float64 both are exact, so the norm is exact to rounding."""
+    g = np.full(1 << 16, 1.0 + 2.0 ** -20, np.float32)
     g[::2] = np.float32(2.0 ** -12)
-    exact = math.sqrt((1 << 15) * 1.0 + (1 << 15) * 2.0 ** -24)
+    exact = math.sqrt((1 << 15) * (1.0 + 2.0 ** -20) ** 2 + (1 << 15) * 2.0 ** -24)
     assert grad_norm(g) == pytest.approx(exact, rel=1e-15)
 
 
