@@ -194,41 +194,60 @@ def _mix_array(z, tmp):
     return z
 
 
-def dropout_workspace(rows, n):
-    """The uint64 buffer (2, rows, ceil(n / 2)) that dropout_bits hashes in: allocate it once per layer
-    and pass it as `work`, so that a step allocates nothing the size of a layer."""
+DROPOUT_ROWS = 32  # rows hashed together: their two uint64 buffers stay in cache through the 8 passes of mix
+
+
+def dropout_workspace(n, rows=DROPOUT_ROWS):
+    """The uint64 buffer (2, rows, ceil(n / 2)) the hash works in, `rows` samples at a time, for a layer of
+    n units: allocate it once per layer width and pass it as `work`, so that a step allocates nothing the
+    size of a layer. Any rows >= 1 gives the same bits."""
     return np.empty((2, rows, (n + 1) // 2), np.uint64)
 
 
-def dropout_bits(seed, step, positions, layer, n, work=None):
-    """(B, n) uint32 u_nj * 2^32 of the hash above for the samples at `positions` (B,) of the global batch.
+@functools.lru_cache(maxsize=None)
+def _pair_offsets(pairs):
+    """(k + 1) G for k < pairs, read-only (shared by every call)."""
+    offsets = np.arange(1, pairs + 1, dtype=np.uint64) * np.uint64(_G)
+    offsets.flags.writeable = False
+    return offsets
 
-    seed, step, layer: non-negative ints. work: dropout_workspace(B', n) with B' >= B, or None.
-    The result is a view into work.
-    """
-    B = len(positions)
+
+def _dropout_chunks(seed, step, positions, layer, n, work):
+    """Yield (a, bits) for consecutive row chunks: bits (c, n) uint32 = 2^32 u for positions[a:a + c]."""
     if work is None:
-        work = dropout_workspace(B, n)
-    z, tmp = work[0, :B], work[1, :B]
+        work = dropout_workspace(n)
+    if work.dtype != np.uint64 or work.ndim != 3 or work.shape[0] != 2 or work.shape[2] != (n + 1) // 2:
+        raise ValueError(f"work must be dropout_workspace({n}, rows), not {work.dtype} {work.shape}")
     key = _mix_int(_mix_int(_mix_int(seed + _G) + (step + 1) * _G) + (layer + 1) * _G)
-    with np.errstate(over="ignore"):  # uint64 products wrap mod 2^64 by design
-        rows = np.asarray(positions, np.int64).astype(np.uint64)
-        rows += np.uint64(1)
-        rows *= np.uint64(_G)
-        rows += np.uint64(key)
-        rows = _mix_array(rows, np.empty_like(rows))
-        pairs = np.arange(1, z.shape[1] + 1, dtype=np.uint64)
-        pairs *= np.uint64(_G)
-        np.add(rows[:, None], pairs, out=z)
+    offsets = _pair_offsets((n + 1) // 2)
+    rows = np.asarray(positions, np.int64).astype(np.uint64)  # (B,): small next to the layer
+    rows += np.uint64(1)  # uint64 array arithmetic wraps mod 2^64 (silently, as the hash needs)
+    rows *= np.uint64(_G)
+    rows += np.uint64(key)
+    rows = _mix_array(rows, np.empty_like(rows))
+    chunk = work.shape[1]
+    for a in range(0, len(rows), chunk):
+        c = min(chunk, len(rows) - a)
+        z, tmp = work[0, :c], work[1, :c]
+        np.add(rows[a:a + c, None], offsets, out=z)
         _mix_array(z, tmp)
-    return z.view(np.uint32)[:, :n]
+        yield a, z.view(np.uint32)[:, :n]
+
+
+def dropout_bits(seed, step, positions, layer, n):
+    """(B, n) uint32 2^32 u_nj of the hash above for the samples at global-batch `positions` (B,): to inspect
+    the stream (dropout_forward thresholds it chunk by chunk without materialising it)."""
+    bits = np.empty((len(positions), n), np.uint32)
+    for a, chunk in _dropout_chunks(seed, step, positions, layer, n, None):
+        bits[a:a + len(chunk)] = chunk
+    return bits
 
 
 def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None):
     """Inverted dropout in place: out <- out (.) m / (1 - p), m_nj = 1 if u_nj >= p else 0 (see above).
 
     out: (B, n) activations of `layer` for the samples at global-batch `positions` (B,); p in [0, 1).
-    mask: (B, n) buffer in out's dtype that receives m (allocated if None); work: see dropout_bits.
+    mask: (B, n) buffer in out's dtype that receives m (allocated if None); work: dropout_workspace(n).
     Returns (out, mask). p = 0 leaves out untouched (mask all ones) and hashes nothing.
     Dividing by 1 - p keeps each unit's expected output, so evaluation runs without dropout.
     """
@@ -241,7 +260,8 @@ def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None):
         return out, mask
     # u >= p  <=>  bits >= p 2^32 (exact: a power-of-two scaling)  <=>  bits >= ceil(p 2^32)
     threshold = np.uint32(min(math.ceil(p * 2.0**32), 2**32 - 1))
-    np.greater_equal(dropout_bits(seed, step, positions, layer, out.shape[1], work), threshold, out=mask)
+    for a, bits in _dropout_chunks(seed, step, positions, layer, out.shape[1], work):
+        np.greater_equal(bits, threshold, out=mask[a:a + len(bits)])
     out *= mask
     out *= 1.0 / (1.0 - p)
     return out, mask

@@ -73,14 +73,17 @@ def test_mask_does_not_depend_on_how_the_global_batch_is_split(data, ranks, cont
     np.testing.assert_array_equal(got, whole)
 
 
-def test_a_larger_workspace_and_a_given_mask_buffer_give_the_same_mask():
+@pytest.mark.parametrize("rows", [1, 3, 32, 100])
+def test_any_workspace_and_a_given_mask_buffer_give_the_same_mask(rows):
     B, n = 10, 33
     out = np.ones((B, n))
     mask = np.empty((B, n))
-    work = dropout_workspace(25, n)
-    dropout_forward(out, 0.5, 3, 4, np.arange(B), 0, mask=mask, work=work)
-    np.testing.assert_array_equal(mask, mask_of(B, n, 0.5, 3, 4, 0))
+    dropout_forward(out, 0.5, 3, 4, np.arange(B), 0, mask=mask, work=dropout_workspace(n, rows))
+    expected = dropout_bits(3, 4, np.arange(B), 0, n) / 2.0 ** 32 >= 0.5
+    np.testing.assert_array_equal(mask, expected)
     np.testing.assert_array_equal(out, mask * 2.0)
+    with pytest.raises(ValueError, match="work must be dropout_workspace"):
+        dropout_forward(out, 0.5, 3, 4, np.arange(B), 0, work=dropout_workspace(n + 2, rows))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
