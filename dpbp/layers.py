@@ -1,4 +1,4 @@
-"""Activations and the dense layer, each forward beside its backward. Imports only numpy.
+"""Activations, the dense layer and dropout, each forward beside its backward. Imports only numpy.
 
 Shapes: B = samples in the batch (rows), n_in / n_out = units on either side of a layer.
 The seed's w_ij joins unit j of the layer below to unit i of this one, so W has shape (n_out, n_in)
@@ -260,10 +260,12 @@ def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None):
         return out, mask
     # u >= p  <=>  bits >= p 2^32 (exact: a power-of-two scaling)  <=>  bits >= ceil(p 2^32)
     threshold = np.uint32(min(math.ceil(p * 2.0**32), 2**32 - 1))
+    scale = 1.0 / (1.0 - p)
     for a, bits in _dropout_chunks(seed, step, positions, layer, out.shape[1], work):
-        np.greater_equal(bits, threshold, out=mask[a:a + len(bits)])
-    out *= mask
-    out *= 1.0 / (1.0 - p)
+        m, o = mask[a:a + len(bits)], out[a:a + len(bits)]  # chunk by chunk, while the chunk is in cache
+        np.greater_equal(bits, threshold, out=m)
+        o *= m
+        o *= scale
     return out, mask
 
 
