@@ -1,4 +1,4 @@
-"""Activations and the dense layer, each forward beside its backward. Imports only numpy.
+"""Activations, the dense layer and dropout, each forward beside its backward. Imports only numpy.
 
 Shapes: B = samples in the batch (rows), n_in / n_out = units on either side of a layer.
 The seed's w_ij joins unit j of the layer below to unit i of this one, so W has shape (n_out, n_in)
@@ -8,6 +8,7 @@ The seed's w_ij joins unit j of the layer below to unit i of this one, so W has 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, NamedTuple
 
@@ -149,3 +150,128 @@ def dense_backward(delta, x, W, nabla_W, nabla_b, dx=None):
     if dx is not None:
         np.matmul(delta, W, out=dx)
     return dx
+
+
+# ---------------------------------------------------------------- dropout
+# Inverted dropout whose keep-mask is a pure function of (seed, step, position of the sample in the GLOBAL
+# batch, layer, unit), never of the rank or of how the batch is split: every rank draws, for the rows it
+# holds, exactly the bits a single process would draw for them. The bits come from a counter-based hash
+# (SplitMix64's finalizer, the "mix" below), not from a stateful generator:
+#
+#   key    = mix(mix(mix(seed + G) + (step + 1) G) + (layer + 1) G)          one integer per (seed, step, layer)
+#   row_n  = mix(key + (position_n + 1) G)                                   one per sample
+#   z_nk   = mix(row_n + (k + 1) G)                                          64 bits per pair of units 2k, 2k+1
+#   u_nj   = (the low 32 bits of z_n,j//2 for even j, the high 32 for odd j) / 2^32, uniform in [0, 1)
+#   keep_nj = u_nj >= p
+#
+# all in uint64 arithmetic mod 2^64, G = 0x9E3779B97F4A7C15 (SplitMix64's increment). Each 64-bit hash
+# serves two units, which halves the work; the low/high split reads the uint64 array as uint32 pairs,
+# which is the order above on little-endian hosts (x86-64, ARM64).
+
+_G = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def _mix_int(z):
+    """SplitMix64's finalizer on a Python int (mod 2^64)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix_array(z, tmp):
+    """The same finalizer in place on a uint64 array z, with tmp a buffer of z's shape."""
+    np.right_shift(z, np.uint64(30), out=tmp)
+    z ^= tmp
+    z *= np.uint64(_M1)
+    np.right_shift(z, np.uint64(27), out=tmp)
+    z ^= tmp
+    z *= np.uint64(_M2)
+    np.right_shift(z, np.uint64(31), out=tmp)
+    z ^= tmp
+    return z
+
+
+DROPOUT_ROWS = 32  # rows hashed together: their two uint64 buffers stay in cache through the 8 passes of mix
+
+
+def dropout_workspace(n, rows=DROPOUT_ROWS):
+    """The uint64 buffer (2, rows, ceil(n / 2)) the hash works in, `rows` samples at a time, for a layer of
+    n units: allocate it once per layer width and pass it as `work`, so that a step allocates nothing the
+    size of a layer. Any rows >= 1 gives the same bits."""
+    return np.empty((2, rows, (n + 1) // 2), np.uint64)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_offsets(pairs):
+    """(k + 1) G for k < pairs, read-only (shared by every call)."""
+    offsets = np.arange(1, pairs + 1, dtype=np.uint64) * np.uint64(_G)
+    offsets.flags.writeable = False
+    return offsets
+
+
+def _dropout_chunks(seed, step, positions, layer, n, work):
+    """Yield (a, bits) for consecutive row chunks: bits (c, n) uint32 = 2^32 u for positions[a:a + c]."""
+    if work is None:
+        work = dropout_workspace(n)
+    if work.dtype != np.uint64 or work.ndim != 3 or work.shape[0] != 2 or work.shape[2] != (n + 1) // 2:
+        raise ValueError(f"work must be dropout_workspace({n}, rows), not {work.dtype} {work.shape}")
+    key = _mix_int(_mix_int(_mix_int(seed + _G) + (step + 1) * _G) + (layer + 1) * _G)
+    offsets = _pair_offsets((n + 1) // 2)
+    rows = np.asarray(positions, np.int64).astype(np.uint64)  # (B,): small next to the layer
+    rows += np.uint64(1)  # uint64 array arithmetic wraps mod 2^64 (silently, as the hash needs)
+    rows *= np.uint64(_G)
+    rows += np.uint64(key)
+    rows = _mix_array(rows, np.empty_like(rows))
+    chunk = work.shape[1]
+    for a in range(0, len(rows), chunk):
+        c = min(chunk, len(rows) - a)
+        z, tmp = work[0, :c], work[1, :c]
+        np.add(rows[a:a + c, None], offsets, out=z)
+        _mix_array(z, tmp)
+        yield a, z.view(np.uint32)[:, :n]
+
+
+def dropout_bits(seed, step, positions, layer, n):
+    """(B, n) uint32 2^32 u_nj of the hash above for the samples at global-batch `positions` (B,): to inspect
+    the stream (dropout_forward thresholds it chunk by chunk without materialising it)."""
+    bits = np.empty((len(positions), n), np.uint32)
+    for a, chunk in _dropout_chunks(seed, step, positions, layer, n, None):
+        bits[a:a + len(chunk)] = chunk
+    return bits
+
+
+def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None):
+    """Inverted dropout in place: out <- out (.) m / (1 - p), m_nj = 1 if u_nj >= p else 0 (see above).
+
+    out: (B, n) activations of `layer` for the samples at global-batch `positions` (B,); p in [0, 1).
+    mask: (B, n) buffer in out's dtype that receives m (allocated if None); work: dropout_workspace(n).
+    Returns (out, mask). p = 0 leaves out untouched (mask all ones) and hashes nothing.
+    Dividing by 1 - p keeps each unit's expected output, so evaluation runs without dropout.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), not {p}")
+    if mask is None:
+        mask = np.empty_like(out)
+    if p == 0.0:
+        mask[...] = 1.0
+        return out, mask
+    # u >= p  <=>  bits >= p 2^32 (exact: a power-of-two scaling)  <=>  bits >= ceil(p 2^32)
+    threshold = np.uint32(min(math.ceil(p * 2.0**32), 2**32 - 1))
+    scale = 1.0 / (1.0 - p)
+    for a, bits in _dropout_chunks(seed, step, positions, layer, out.shape[1], work):
+        m, o = mask[a:a + len(bits)], out[a:a + len(bits)]  # chunk by chunk, while the chunk is in cache
+        np.greater_equal(bits, threshold, out=m)
+        o *= m
+        o *= scale
+    return out, mask
+
+
+def dropout_backward(delta, mask, p):
+    """delta <- delta (.) m / (1 - p): dE/d(out before dropout), given dE/d(out after) and forward's mask."""
+    delta *= mask
+    if p != 0.0:
+        delta *= 1.0 / (1.0 - p)
+    return delta

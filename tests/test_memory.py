@@ -18,7 +18,6 @@ from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.layers import ACTIVATIONS
 from dpbp.model import initial_params
-from dpbp.optim import BLOCK, SGD
 from dpbp.step import Trainer
 
 BOUND = 128 * 1024  # bytes a step may allocate at its peak
@@ -97,22 +96,6 @@ def test_the_bound_catches_a_temporary_the_size_of_an_activation():
     trainer.model.f_prime_times = [relu_prime] * (trainer.model.n_layers - 1)
     assert peak_bytes(lambda: trainer.step(idx)) <= BOUND
 
-
-# ---------------------------------------------------------------- the in-place update
-
-
-@pytest.mark.parametrize("n", [10, 2 * BLOCK + 5])  # one block; several, the last one partial
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_sgd_step_is_the_momentum_formula(momentum, n):
-    rng = np.random.default_rng(4)
-    w0, g1, g2 = rng.normal(size=(3, n))
-    params = w0.copy()
-    opt = SGD(params, lr=0.1, momentum=momentum)
-    opt.step(g1)
-    opt.step(g2)
-    v1 = g1
-    v2 = momentum * v1 + g2
-    np.testing.assert_allclose(params, w0 - 0.1 * v1 - 0.1 * v2, rtol=1e-14)
 
 
 def test_bucketed_and_plain_steps_give_identical_parameters():
