@@ -267,6 +267,12 @@ def check_consistency(cfg: dict[str, Any]) -> None:
                         f"not {cfg['model.output']!r}")
     if cfg["model.output"] == "softmax" and cfg["model.sizes"][-1] < 2:
         raise UserError("model.output = 'softmax' needs at least 2 output units in model.sizes")
+    if cfg["optim.nesterov"] and (cfg["optim.kind"] != "sgd" or cfg["optim.momentum"] == 0):
+        raise UserError(f"optim.nesterov = true needs optim.kind = 'sgd' with optim.momentum > 0 (kind is "
+                        f"{cfg['optim.kind']!r}, momentum {cfg['optim.momentum']})")
+    if cfg["optim.schedule"] == "cosine" and cfg["train.steps"] and cfg["optim.warmup_steps"] >= cfg["train.steps"]:
+        raise UserError(f"optim.schedule = 'cosine' needs optim.warmup_steps ({cfg['optim.warmup_steps']}) < "
+                        f"train.steps ({cfg['train.steps']})")
     if cfg["model.init"] == "seed_example" and cfg["model.sizes"] != [2, 2, 2]:
         raise UserError(f"model.init = 'seed_example' is the tutorial's 2-2-2 network; model.sizes is "
                         f"{cfg['model.sizes']}")

@@ -7,9 +7,11 @@ updates every parameter with one vector operation.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from dpbp.layers import ACTIVATIONS, dense_backward, dense_forward
+from dpbp.layers import ACTIVATIONS, dense_backward, dense_forward, dropout_backward, dropout_forward, dropout_workspace
 from dpbp.losses import LOSSES
 
 
@@ -65,6 +67,16 @@ def initial_params(sizes, activation, seed, init="uniform"):
     return params
 
 
+class Dropout(NamedTuple):
+    """Training-time dropout for one forward pass: the keep-mask of hidden unit j of the sample at global
+    batch position n in this step is a pure function of (seed, step, n, layer, j) (layers.dropout_forward)."""
+
+    p: float
+    seed: int
+    step: int
+    positions: np.ndarray  # (B,) the rows' positions in the global batch
+
+
 class Grads:
     """One flat gradient buffer (n_params,) and its per-layer views nabla_w[l] (n_l+1, n_l), nabla_b[l] (n_l+1,).
 
@@ -101,6 +113,9 @@ class MLP:
         self.f_prime_times = [ACTIVATIONS[activation].prime_times] * (self.n_layers - 1)
         self.loss = LOSSES[loss]
         self._rows, self._views_B = 0, None
+        self._drop = None  # the last forward's Dropout, or None
+        self._drop_rows = 0  # rows of the dropout buffers, made on first use
+        self._drop_work = [dropout_workspace(n) for n in self.sizes[1:-1]]
 
     def grad_views(self, flat):
         """Grads over `flat` (n_params,) in this model's dtype and layout."""
@@ -165,16 +180,39 @@ class MLP:
 
     # ------------------------------------------------------------ forward / backward
 
-    def forward(self, x):
-        """x: (B, n_0) -> out^(L): (B, n_L). Keeps every layer's out^(l) for backward."""
+    def forward(self, x, dropout=None):
+        """x: (B, n_0) -> out^(L): (B, n_L). Keeps every layer's out^(l) for backward.
+
+        dropout (training only): each hidden layer's output goes on to the next layer as
+        out^(l) (.) m^(l) / (1 - p); out^(l) itself is kept for f'(net^(l)) in backward.
+        """
         outs = self._workspace(x.shape[0])
         if x is not outs[0]:
             np.copyto(outs[0], x)  # also casts the input to the model's dtype
+        self._drop = dropout if dropout is not None and dropout.p > 0.0 else None
+        inputs = self._inputs_after_dropout(x.shape[0])
         weights, biases, f = self.weights, self.biases, self.f
         for l in range(self.n_layers):
-            net = dense_forward(outs[l], weights[l], biases[l], outs[l + 1])
+            net = dense_forward(inputs[l], weights[l], biases[l], outs[l + 1])
             f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
+            if self._drop is not None and l + 1 < self.n_layers:
+                d = self._drop
+                np.copyto(inputs[l + 1], outs[l + 1])
+                dropout_forward(inputs[l + 1], d.p, d.seed, d.step, d.positions, l, self._masks[l + 1],
+                                self._drop_work[l])
         return outs[-1]
+
+    def _inputs_after_dropout(self, rows):
+        """Each layer's input for the last forward: out^(l), or with dropout out^(0) and the hidden layers'
+        dropped-out copies (their masks in self._masks), in buffers as large as the workspace."""
+        if self._drop is None:
+            return self._outs
+        if self._drop_rows < self._rows:
+            self._drop_rows = self._rows
+            self._drop_in = [np.empty((self._rows, n), self.dtype) for n in self.sizes[1:-1]]
+            self._drop_mask = [np.empty((self._rows, n), self.dtype) for n in self.sizes[1:-1]]
+        self._masks = [None, *(m[:rows] for m in self._drop_mask)]
+        return [self._outs[0], *(a[:rows] for a in self._drop_in)]
 
     def backward(self, y, grads=None, scale=1.0, ready=None):
         """y: (B, n_L) targets for the last forward. Fills grads.nabla_w, grads.nabla_b (default:
@@ -197,11 +235,14 @@ class MLP:
             deltas[L] *= scale
         grads = self.grads if grads is None else grads
         weights, nabla_w, nabla_b, f_prime_times = self.weights, grads.nabla_w, grads.nabla_b, self.f_prime_times
+        inputs, drop = self._inputs_after_dropout(len(y)), self._drop
         for l in range(L - 1, -1, -1):
             dx = deltas[l] if l > 0 else None
-            dense_backward(deltas[l + 1], outs[l], weights[l], nabla_w[l], nabla_b[l], dx)
+            dense_backward(deltas[l + 1], inputs[l], weights[l], nabla_w[l], nabla_b[l], dx)
             if ready is not None:
                 ready(l)
             if l > 0:
+                if drop is not None:
+                    dropout_backward(dx, self._masks[l], drop.p)  # through m^(l) / (1 - p)
                 f_prime_times[l - 1](dx, outs[l], scratches[l])
         return E

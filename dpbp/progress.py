@@ -125,6 +125,7 @@ class Progress:
             parts.append(f"loss {rec['loss']:.4g}")
             if "accuracy" in rec:
                 parts.append(f"acc {rec['accuracy']:.3f}")
+            parts.append(f"lr {rec['lr']:.3g}")
         val = self.last_val
         if val is not None and "accuracy" in val:
             parts.append(f"val_acc {val['accuracy']:.3f}")
@@ -181,8 +182,9 @@ class Meter:
         self.loss = self.correct = self.seen = 0.0
         self.samples = 0
 
-    def add(self, loss, correct, samples):
-        """One step's batch-mean loss, correct count and global batch size."""
+    def add(self, loss, correct, samples, lr):
+        """One step's batch-mean loss, correct count, global batch size and learning rate."""
+        self.lr = lr
         self.loss += loss * samples
         self.correct += correct
         self.seen += samples
@@ -191,7 +193,7 @@ class Meter:
     def record(self, step, epoch, comm_s):
         """The metrics.jsonl record of the steps since the last one; comm_s: Allreduce seconds so far."""
         now = time.perf_counter()
-        rec = {"step": step, "epoch": epoch, "loss": self.loss / self.seen,
+        rec = {"step": step, "epoch": epoch, "loss": self.loss / self.seen, "lr": self.lr,
                "samples_per_s": self.samples / (now - self.t_last),
                "comm_s": comm_s - self.comm_last, "step_s": now - self.t_last, "time": now - self.t_start}
         if self.labels:
@@ -213,7 +215,7 @@ def format_step(rec, reduced=True):
     """One plain progress line; reduced: several ranks, so the Allreduce's share of the time is shown."""
     acc = f" accuracy {rec['accuracy']:.4f}" if "accuracy" in rec else ""
     share = f" allreduce {100 * comm_share(rec):.1f}%" if reduced else ""
-    return (f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.6g}{acc} "
+    return (f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.6g}{acc} lr {rec['lr']:.4g} "
             f"samples/s {rec['samples_per_s']:.0f}{share}")
 
 

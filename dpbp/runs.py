@@ -170,7 +170,8 @@ def save_checkpoint(comm, trainer, run_dir, step, best=None):
                     "epoch_order_crc32": sampler_check(cfg, n, epoch)},
             "trajectory": run_trajectory(cfg, trainer.data), "trajectory_hash": trajectory_hash(cfg),
             "config": to_toml(cfg), "world_size": comm.size, "comm.reduce": cfg["comm.reduce"],
-            "dpbp": __version__, "numpy": np.__version__, "best": (best or Best()).as_meta()}
+            "dpbp": __version__, "numpy": np.__version__, "best": (best or Best()).as_meta(),
+            "total_steps": trainer.total_steps}
     ckpt.save(ckpt.checkpoint_path(run_dir, step), arrays, meta)
     ckpt.prune(run_dir, cfg["train.keep_checkpoints"])
 
@@ -220,8 +221,17 @@ def resume_problem(found, force, world_size, trainer):
             return (f"cannot resume from {path}: the config changes the trajectory ({detail}); "
                     f"pass --force to resume anyway")
         warn(f"--force: resuming from {path} although the trajectory changes ({detail})")
+    _schedule_warning(meta, trainer)
     return _shape_problem(arrays, path, model) or _state_problem(arrays, path, force, trainer) or \
         _reduction_warning(meta, cfg, world_size)
+
+
+def _schedule_warning(meta, trainer):
+    """The cosine schedule depends on the total steps T: a resume that changes train.steps changes it."""
+    saved, now = meta.get("total_steps"), trainer.total_steps
+    if trainer.cfg["optim.schedule"] == "cosine" and saved is not None and saved != now:
+        warn(f"train.steps changes from {saved} to {now}: the cosine learning-rate schedule changes from "
+             f"step {meta['step']} on (it is a function of the total steps)")
 
 
 def _shape_problem(arrays, path, model):
@@ -234,11 +244,13 @@ def _shape_problem(arrays, path, model):
 
 def _state_problem(arrays, path, force, trainer):
     """None if the checkpoint holds the optimizer's state (filled in with zeros under --force)."""
-    velocity = trainer.opt.state().get("velocity")
-    if velocity is not None and arrays.get("optim.velocity", np.empty(0)).shape != velocity.shape:
-        if not force:
-            return f"{path}: holds no momentum for this model (optim.velocity); pass --force to start it at zero"
-        arrays["optim.velocity"] = np.zeros_like(velocity)
+    for name, value in trainer.opt.state().items():
+        key = f"optim.{name}"
+        if arrays.get(key, np.empty((0, 0))).shape != value.shape:
+            if not force:
+                what = "momentum" if name == "velocity" else f"the {trainer.cfg['optim.kind']} state"
+                return f"{path}: holds no {what} for this model ({key}); pass --force to start it at zero"
+            arrays[key] = np.zeros_like(value)
     return None
 
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, finish_gradient, l2_penalty
-from dpbp.model import MLP, count_params
-from dpbp.optim import SGD
+from dpbp.model import MLP, Dropout, count_params
+from dpbp.optim import BLOCK, clip_by_norm, lr_at, make_optimizer, weight_slices_of
 from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
 
 
@@ -32,6 +32,7 @@ class StepStats(NamedTuple):
     correct: float  # samples whose largest output is their label (0 without labels)
     stop: float  # how many ranks were asked to stop (by a signal) before this step
     samples: int  # the global batch
+    lr: float  # the learning rate of this update
 
 
 class Trainer:
@@ -41,17 +42,20 @@ class Trainer:
     tests); None costs nothing.
     """
 
-    def __init__(self, cfg, comm, data):
+    def __init__(self, cfg, comm, data, total_steps=None):
         self.cfg, self.comm, self.data = cfg, comm, data
+        self.total_steps = total_steps or cfg["train.steps"] or None  # T of the cosine schedule
         self.model = model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"],
                                  cfg["loss.kind"], cfg["model.dtype"])
         bucket_bytes = cfg["comm.bucket_mb"] * 2**20
         self.reducer = make_reducer(cfg["comm.reduce"], comm, Layout(model.shapes), model.dtype,
                                     cfg["comm.chunk"], bucket_bytes)
-        self.opt = SGD(model.params, cfg["optim.lr"], cfg["optim.momentum"])
+        self.opt = build_optimizer(cfg, model.params, model.shapes)
         self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
         self.input_hook: Callable[[np.ndarray], None] | None = None
         self._micro = None  # a gradient buffer for micro-batches after a piece's first
+        self._t = 0  # the update being computed: picks the dropout masks and the learning rate
+        self._clip_scratch = np.empty(min(BLOCK, model.n_params)) if cfg["optim.clip_norm"] else None
         # Rows are gathered straight into the model's input buffer, or staged when the data's dtype differs.
         x = data.x
         self._stage = None if x.dtype == model.dtype else np.empty((0, x.shape[1]), x.dtype)
@@ -95,7 +99,7 @@ class Trainer:
         B = len(idx)
         scale = 1.0 / batch_divisor(self.cfg["loss.reduction"], B)  # rides delta^(L): see MLP.backward
         for a, b, piece in reducer.begin(B):
-            piece.stats[LOSS], piece.stats[CORRECT] = self._piece(idx[a:b], piece.grads, scale)
+            piece.stats[LOSS], piece.stats[CORRECT] = self._piece(idx[a:b], a, piece.grads, scale)
             reducer.add_piece(piece)
         reducer.result.stats[STOP] = stop
         t0 = time.perf_counter()
@@ -105,39 +109,52 @@ class Trainer:
         if l2:
             grads = result.grads
             finish_gradient(grads.nabla_w, grads.nabla_b, model.weights, l2, 1, self._l2_scratch)
+        if self._clip_scratch is not None:  # the reduced gradient: the same norm, bit for bit, on every rank
+            clip_by_norm(result.grads.flat, self.cfg["optim.clip_norm"], self._clip_scratch)
         return result.stats.astype(np.float64)
 
-    def _piece(self, rows, grads, scale):
-        """Forward/backward over rows into grads, data.micro_batch rows at a time (each micro-batch's gradient
-        added into grads: the sum rule again); returns (summed E, correct count)."""
+    def _piece(self, rows, first, grads, scale):
+        """Forward/backward over rows (at global-batch positions first, first + 1, ...) into grads,
+        data.micro_batch rows at a time (each micro-batch's gradient added into grads: the sum rule
+        again); returns (summed E, correct count)."""
         micro = self.cfg["data.micro_batch"]
         if not micro or len(rows) <= micro:
-            return self._forward_backward(rows, grads, scale, self.reducer.layer_ready)
+            return self._forward_backward(rows, first, grads, scale, self.reducer.layer_ready)
         if self._micro is None:
             self._micro = self.model.grad_views(np.zeros(self.model.n_params, self.model.dtype))
         E = correct = 0
         for k, lo in enumerate(range(0, len(rows), micro)):
             # No layer is final before the last micro-batch: the reducer starts its buckets in allreduce.
-            e, c = self._forward_backward(rows[lo:lo + micro], grads if k == 0 else self._micro, scale, None)
+            target = grads if k == 0 else self._micro
+            e, c = self._forward_backward(rows[lo:lo + micro], first + lo, target, scale, None)
             if k:
                 grads.flat += self._micro.flat
             E, correct = E + e, correct + c
         return E, correct
 
-    def _forward_backward(self, rows, grads, scale, ready):
-        model = self.model
-        out = model.forward(self._inputs(rows))
+    def _forward_backward(self, rows, first, grads, scale, ready):
+        model, p = self.model, self.cfg["model.dropout"]
+        dropout = Dropout(p, self.cfg["seed"], self._t, np.arange(first, first + len(rows))) if p else None
+        out = model.forward(self._inputs(rows), dropout)
         t, labels = self.data.targets(rows)  # from a data file: reads only these rows
         E = model.backward(t, grads, scale, ready)
         return E, (np.count_nonzero(out.argmax(axis=1) == labels) if labels is not None else 0)
 
-    def step(self, idx, stop=0.0) -> StepStats:
-        """One update on global indices idx; returns what the step reports."""
+    def lr(self, t):
+        """The learning rate of update t (0-based): a pure function of t and the config."""
+        cfg = self.cfg
+        return lr_at(t, cfg["optim.lr"], cfg["optim.schedule"], cfg["optim.warmup_steps"], self.total_steps,
+                     cfg["optim.min_lr"], cfg["optim.step_size"], cfg["optim.gamma"])
+
+    def step(self, idx, stop=0.0, t=0) -> StepStats:
+        """Update t (0-based; it picks the dropout masks and the learning rate) on global indices idx."""
+        self._t = t
         penalty = l2_penalty(self.model.weights, self.cfg["loss.l2"])  # of the weights the loss is taken at
         stats = self.gradient(idx, stop)
-        self.opt.step(self.grad)
+        lr = self.lr(t)
+        self.opt.step(self.grad, lr)
         loss = stats[LOSS] / batch_divisor(self.cfg["loss.reduction"], len(idx)) + penalty
-        return StepStats(loss, stats[CORRECT], stats[STOP], len(idx))
+        return StepStats(loss, stats[CORRECT], stats[STOP], len(idx), lr)
 
     def first_nonfinite(self):
         """The name of the first reduced gradient tensor holding NaN or inf, or None."""
@@ -150,6 +167,15 @@ class Trainer:
         """Cheap test first (one BLAS dot, no temporary); the exact test only if it overflows."""
         g = self.grad
         return math.isfinite(float(np.dot(g, g))) or bool(np.isfinite(g).all())
+
+
+def build_optimizer(cfg, params, shapes):
+    """The configured optimizer over params (the flat buffer, or a rank's slice of it)."""
+    kind = cfg["optim.kind"]
+    return make_optimizer(kind, params, cfg["optim.lr"], momentum=cfg["optim.momentum"] if kind == "sgd" else 0.0,
+                          nesterov=cfg["optim.nesterov"], betas=tuple(cfg["optim.betas"]), eps=cfg["optim.eps"],
+                          weight_decay=cfg["optim.weight_decay"] if kind == "adamw" else 0.0,
+                          weight_slices=weight_slices_of(shapes))
 
 
 def check_memory(cfg, n_train, size):

@@ -93,7 +93,8 @@ def setup(args, comm):
     check_memory(cfg, len(train_data), comm.size)
     init = runs.starting_params(cfg, args.init)
     run_dir = runs.choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
-    trainer = Trainer(cfg, comm, train_data)
+    steps = total_steps(cfg, len(train_data))
+    trainer = Trainer(cfg, comm, train_data, steps)
     trainer.model.load(init)
     start, resumed_from, best = runs.resume(args.resume, args.force, comm, trainer) if args.resume else \
         (0, None, runs.Best())
@@ -105,7 +106,6 @@ def setup(args, comm):
     mismatch = replica_mismatch(comm, trainer.model.params)
     if mismatch:
         raise TrainingFault(f"ranks start from different parameters: {mismatch}")
-    steps = total_steps(cfg, len(train_data))
     progress.start(cfg, trainer.model, train_data, val_data, steps, start, resumed_from)
     warn_idle_ranks(cfg, len(train_data), comm.size, progress)
     return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start)
@@ -138,10 +138,10 @@ def train_loop(job, stop, faults):
         idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
         if faults is not None:
             faults.before_step(step, trainer)
-        stats = trainer.step(idx, stop.flag)
+        stats = trainer.step(idx, stop.flag, step)
         check_finite(trainer, stats.loss, step, job.run_dir)
         step = job.step = step + 1
-        meter.add(stats.loss, stats.correct, stats.samples)
+        meter.add(stats.loss, stats.correct, stats.samples, stats.lr)
         progress.tick(step, stats.samples)
         last = step == job.steps
         if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue

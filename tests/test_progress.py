@@ -24,7 +24,8 @@ SMALL = ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", f"mode
          "--set", "train.steps=20", "--set", "data.batch_size=9", "--set", "train.log_every=5",
          "--set", "train.eval_every=10"]
 # The Allreduce's share of the time is shown when there are several ranks (group 6).
-STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+) accuracy (\S+) samples/s (\d+)(?: allreduce (\S+)%)?$")
+STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) loss (\S+) accuracy (\S+) lr \S+ samples/s (\d+)"
+                       r"(?: allreduce (\S+)%)?$")
 
 
 def mpi_library():
@@ -141,7 +142,7 @@ def test_a_bar_on_a_terminal(tmp_path, ranks):
     # tqdm redraws its line after a carriage return; the last drawing shows every figure.
     final = re.findall(r"\r(epoch 0: 100%\|.*? 20/20 \[.*?\])", text)
     share = r" allreduce \d+%" if ranks else ""  # one process has no Allreduce to report
-    assert final and re.search(rf"loss \S+ acc \S+ val_acc \S+ \S+ samples/s{share}\]$", final[-1]), text
+    assert final and re.search(rf"loss \S+ acc \S+ lr \S+ val_acc \S+ \S+ samples/s{share}\]$", final[-1]), text
     assert not any(line.startswith("step ") for line in text.split("\n")), text  # the bar replaces them
     assert text.count("world size") == 1 and f"world size {ranks or 1} " in text
     assert text.count("done: 20 steps") == 1
