@@ -261,12 +261,13 @@ class Plan:
     def describe(self):
         """The start line and the resume line (the trainer decides; this only reports what it will find)."""
         if self.exports:
-            blas = f"{self.exports['OMP_NUM_THREADS']} BLAS thread(s) per rank"
+            blas = (f"{self.per_node} rank(s) share {self.cores} core(s) here: "
+                    f"{self.exports['OMP_NUM_THREADS']} BLAS thread(s) per rank")
         else:
             blas = "BLAS threads as set: " + " ".join(
                 f"{k}={self.env[k]}" for k in threads.THREAD_VARIABLES if self.env.get(k))
-        self.log(f"{self.np} ranks on {socket.gethostname()} ({self.cores} cores for {self.per_node} ranks "
-                 f"here), {blas}; launcher {self.launcher}; python {sys.executable}")
+        self.log(f"{self.np} ranks on {socket.gethostname()}; {blas}; launcher {self.launcher}; "
+                 f"python {sys.executable}")
         found = sorted(glob.glob(os.path.join(glob.escape(self.run_dir), "ckpt-*.npz")))
         if found:
             self.log(f"run dir {self.run_dir}: resuming (newest checkpoint file: {found[-1]})")
@@ -279,9 +280,10 @@ class Ranks:
 
     def __init__(self, log):
         self.log, self.proc, self.first, self.forwarded, self.aborted = log, None, None, False, False
-        self.session = False
+        self.session = self.starting = False
 
     def install(self):
+        """First thing: a signal before the ranks start must not kill this process or leave a traceback."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.on_signal)
 
@@ -289,6 +291,9 @@ class Ranks:
         name = signal.Signals(signum).name
         if self.first is None:
             self.first = signum
+            if self.proc is None and not self.starting:
+                self.log(f"got {name} before the ranks started: not starting them")
+                return
             again = "; SIGINT again stops them at once" if signum == signal.SIGINT else ""
             self.log(f"got {name}: forwarding it to the ranks as {FORWARD.name} (they checkpoint and exit "
                      f"{EXIT_PREEMPTED}){again}")
@@ -325,7 +330,7 @@ class Ranks:
     def start(self, argv, env, new_session, tee):
         """In the background, so that this process keeps taking the signals while the ranks run."""
         out = subprocess.PIPE if tee else None
-        self.session = new_session
+        self.session, self.starting = new_session, True
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT if tee else None, start_new_session=new_session)
         if self.aborted:  # the signals came while it was starting
@@ -378,14 +383,15 @@ def finish(rc, ranks, plan, environ):
     return rc
 
 
-def run(plan, environ):
+def run(plan, ranks, environ):
+    """Start the ranks unless a stop came first, wait for them, say what their exit status means."""
+    if ranks.first is not None:  # nothing ran, nothing to requeue: a requeue here could loop
+        return EXIT_INTERRUPTED if ranks.aborted else EXIT_PREEMPTED
     if plan.opts.tee:
         plan.log.tee(os.path.join(plan.run_dir, LOG_FILE))
     if plan.opts.save_args:
         save_args(plan.run_dir, plan.config, plan.train_opts)
     plan.describe()
-    ranks = Ranks(plan.log)
-    ranks.install()
     if plan.warn_after is not None:
         plan.log(f"time-limit warning (SIGUSR1 to this process) in {plan.warn_after} s")
         signal.signal(signal.SIGALRM, lambda signum, frame: os.kill(os.getpid(), WARNING))
@@ -401,6 +407,8 @@ def run(plan, environ):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     log = Log()
+    ranks = Ranks(log)
+    ranks.install()
     parser = make_parser()
     try:
         own, command, train = split_argv(parser, argv)
@@ -410,7 +418,7 @@ def main(argv=None):
     except UserError as e:
         log(f"error: {e}")
         return EXIT_USAGE
-    return run(plan, os.environ)
+    return run(plan, ranks, os.environ)
 
 
 if __name__ == "__main__":
