@@ -3,7 +3,7 @@
     python -m dpbp.launch [OPTIONS] -- LAUNCH COMMAND... -- CONFIG [dpbp.train options...]
 
 runs  LAUNCH COMMAND... PYTHON -m dpbp.train --config CONFIG --resume RUN_DIR [options...]
-(PYTHON is the interpreter running this) and ends with the trainer's exit status.
+(PYTHON is $DPBP_PYTHON, else the interpreter running this) and ends with the trainer's exit status.
 
 launch/local.sh, launch/slurm.sbatch and launch/pbs.sh keep what only their scheduler knows (directives,
 rank count, launch command, how to requeue) and end in `exec python -m dpbp.launch ...`. The rest lives
@@ -245,7 +245,9 @@ class Plan:
             raise UserError(f"cannot create run directory {self.run_dir}: {e.strerror}") from None
         self.exports = thread_exports(environ, self.cores, self.per_node)
         self.env = dict(environ, DPBP_EXPECT_WORLD_SIZE=str(self.np), **self.exports)
-        self.argv = [*command, sys.executable, "-m", "dpbp.train", "--config", self.config,
+        # the scripts' DPBP_PYTHON as given (a wrapper, or a name each node resolves), else this interpreter
+        self.python = environ.get("DPBP_PYTHON") or sys.executable
+        self.argv = [*command, self.python, "-m", "dpbp.train", "--config", self.config,
                      "--resume", self.run_dir, *self.train_opts]
         self.launcher = command[0]
 
@@ -267,7 +269,7 @@ class Plan:
             blas = "BLAS threads as set: " + " ".join(
                 f"{k}={self.env[k]}" for k in threads.THREAD_VARIABLES if self.env.get(k))
         self.log(f"{self.np} ranks on {socket.gethostname()}; {blas}; launcher {self.launcher}; "
-                 f"python {sys.executable}")
+                 f"python {self.python}")
         found = sorted(glob.glob(os.path.join(glob.escape(self.run_dir), "ckpt-*.npz")))
         if found:
             self.log(f"run dir {self.run_dir}: resuming (newest checkpoint file: {found[-1]})")

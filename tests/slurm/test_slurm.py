@@ -214,3 +214,19 @@ def test_blas_threads_are_the_cpus_of_a_task(slurm, tmp_path, cpus_per_task):
     threads = (cpus_per_task * tasks) // tasks  # the job's CPUs on the node, shared by its tasks there
     assert f"{threads} BLAS thread(s) per rank" in log, log
     assert re.search(rf"\| BLAS \S+ \S+ {threads} threads?$", log, re.M), log  # what numpy's BLAS runs with
+
+
+@pytest.mark.timeout(240)
+def test_a_copied_job_script_uses_the_installed_dpbp(slurm, tmp_path, reference):
+    """The job script copied away from any checkout (and spooled by Slurm): nothing next to it, no DPBP_HOME,
+    no checkout in the submit directory; `python -m dpbp.launch` comes from the installed package."""
+    script = tmp_path / "my-job.sbatch"
+    script.write_bytes(SBATCH.read_bytes())
+    env = job_env()
+    del env["DPBP_HOME"]
+    job = slurm.sbatch(["--ntasks=4", "--time=5", str(script), str(CONFIG), *SETS], cwd=tmp_path, env=env)
+    info = slurm.wait_done(job, 150)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert "repository" not in log, log  # no checkout was found, none was used
+    assert_bitwise_equal(tmp_path / "runs" / job / "final.npz", reference)
