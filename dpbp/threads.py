@@ -1,11 +1,12 @@
 """BLAS threads per rank when the user chose none: the cores this rank may use, shared by the ranks on its node.
 
 OpenBLAS starts one thread per core in every process. With several ranks on a node that oversubscribes the
-cores, and its spinning threads then crowd each other out: the benchmark model at ``mpirun -n 2`` on 2 cores
-ran 12x slower (1,320 against 15,900 samples/s) until each rank used one thread. BLAS libraries read their
-thread count once, when they load, so this runs on ``import dpbp`` (before dpbp imports numpy) and only sets
-environment variables (or, if numpy was imported first, sets the BLAS pool with threadpoolctl when that
-is installed). Standard library only otherwise.
+cores, and its spinning threads then crowd each other out: the benchmark model under ``mpirun -n 2`` ran many
+times slower until each rank used one thread (README "Ranks per node and BLAS threads per rank" has the
+figures). BLAS libraries read their thread count once, when they load, so this runs on ``import dpbp``
+(before dpbp imports numpy) and only sets environment variables (or, if numpy was imported first, sets the
+BLAS pool with threadpoolctl when that is installed). Standard library only otherwise. dpbp.launch applies
+the same rule for a whole node before it starts the ranks (threads_per_rank is the one place it lives).
 """
 
 from __future__ import annotations
