@@ -14,6 +14,7 @@ class TrainingFault(Exception):
     """The run cannot go on (a non-finite loss, diverged replicas); exit status ``EXIT_FAULT``."""
 
 
+EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected exception on some rank: the job is aborted
 EXIT_USAGE = 2  # bad config, data, checkpoint or command line
 EXIT_FAULT = 3  # numerical or replica fault; the newest checkpoint is still the last good one

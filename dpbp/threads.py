@@ -1,11 +1,12 @@
 """BLAS threads per rank when the user chose none: the cores this rank may use, shared by the ranks on its node.
 
 OpenBLAS starts one thread per core in every process. With several ranks on a node that oversubscribes the
-cores, and its spinning threads then crowd each other out: the benchmark model at ``mpirun -n 2`` on 2 cores
-ran an order of magnitude slower until each rank used one thread (docs/performance.md). BLAS libraries read their
-thread count once, when they load, so this runs on ``import dpbp`` (before dpbp imports numpy) and only sets
-environment variables (or, if numpy was imported first, sets the BLAS pool with threadpoolctl when that
-is installed). Standard library only otherwise.
+cores, and its spinning threads then crowd each other out: the benchmark model under ``mpirun -n 2`` ran many
+times slower until each rank used one thread (docs/performance.md has the
+figures). BLAS libraries read their thread count once, when they load, so this runs on ``import dpbp``
+(before dpbp imports numpy) and only sets environment variables (or, if numpy was imported first, sets the
+BLAS pool with threadpoolctl when that is installed). Standard library only otherwise. dpbp.launch applies
+the same rule for a whole node before it starts the ranks (threads_per_rank is the one place it lives).
 """
 
 from __future__ import annotations
@@ -18,6 +19,28 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
+def user_chose(environ):
+    """True when any thread variable is set: then dpbp leaves all of them alone, whatever their values."""
+    return any(environ.get(k) for k in THREAD_VARIABLES)
+
+
+def threads_per_rank(cores, ranks):
+    """The rule: `cores` shared evenly by the `ranks` that run on them, at least one thread each.
+
+    Rounded down, so ranks x threads never exceeds the cores; more ranks than cores get one thread each.
+    dpbp.launch applies it for a whole node before starting the ranks, default_blas_threads in each rank.
+    """
+    return max(1, cores // ranks)
+
+
+def affinity_cores():
+    """The cores this process may run on (its CPU affinity: a cgroup, a taskset, a scheduler's binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_blas_threads(environ, usable_cores):
     """Threads per rank to set, or None to leave the environment alone.
 
@@ -27,7 +50,7 @@ def default_blas_threads(environ, usable_cores):
     can leave some idle (set OMP_NUM_THREADS then), but bound to a socket or restricted by a container, the
     ranks share the cores they see, and giving each all of them would start ranks x cores threads.
     """
-    if any(environ.get(k) for k in THREAD_VARIABLES):
+    if user_chose(environ):
         return None
     local = next((environ[k] for k in LOCAL_RANKS_VARIABLES if environ.get(k)), None)
     try:
@@ -36,15 +59,11 @@ def default_blas_threads(environ, usable_cores):
         return None
     if not local or local < 1:
         return None
-    return max(1, usable_cores // local)
+    return threads_per_rank(usable_cores, local)
 
 
 def apply_default(environ=os.environ):
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        usable = os.cpu_count() or 1
-    threads = default_blas_threads(environ, usable)
+    threads = default_blas_threads(environ, affinity_cores())
     if threads is None:
         return None
     for k in THREAD_VARIABLES:

@@ -37,9 +37,6 @@ PROTECTED = {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}  # the common brief: tests
 ENV_PREFIX = re.compile(r"^(env(\s+-u\s+\S+)*\s+)?(\w+=\S*\s+)*")
 SHELL_OPERATORS = {"|", "||", "&", ";", ">", ">>", "<", "2>", "2>&1"}
 FLOORS = ["commands", "wiring", "communication", "leaves"]
-# Modules the module map names before they exist: the concurrent restructuring of train.py adds them. Once
-# they are in dpbp/, delete this set: the map must then name only files that exist.
-PENDING = {"launch.py"}
 
 # Commands that cannot run here: {a piece of the command: the reason}. Keep this short: every entry is
 # a documented line that can go stale unnoticed.
@@ -418,8 +415,7 @@ def test_module_map_names_every_module():
 
 def test_module_map_names_only_modules_that_exist():
     named = {name for _, name in module_map()}
-    assert PENDING <= named, "PENDING lists a module the map does not name: remove it from PENDING"
-    stale = sorted(named - modules_now() - PENDING)
+    stale = sorted(named - modules_now())
     assert not stale, f"README's module map names modules dpbp/ does not have: {stale}"
 
 

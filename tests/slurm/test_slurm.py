@@ -195,3 +195,38 @@ def test_scancel_term_checkpoints_and_exits_cleanly(slurm, tmp_path, reference):
     assert info2["JobState"] == "COMPLETED" and info2["ExitCode"] == "0:0", log2
     assert re.search(rf"resumed from \S+ at step {step}\b", log2), log2
     assert_bitwise_equal(run_dir / "final.npz", reference)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("cpus_per_task", [1, 2])  # 1: not the BLAS default (all cores); 2: not always 1
+def test_blas_threads_are_the_cpus_of_a_task(slurm, tmp_path, cpus_per_task):
+    """No thread count set: each rank gets --cpus-per-task BLAS threads (the task's CPUs shared by no other
+    rank), and numpy in the ranks really runs that many."""
+    # empty is unset for dpbp, and it overrides whatever this process's environment would pass on
+    env = job_env(OMP_NUM_THREADS="", OPENBLAS_NUM_THREADS="", MKL_NUM_THREADS="")
+    out = tmp_path / "threads.out"
+    tasks = 2
+    job = slurm.sbatch([f"--ntasks={tasks}", f"--cpus-per-task={cpus_per_task}", f"--output={out}", "--time=5",
+                        str(SBATCH), str(CONFIG), *BASE, "--out", str(tmp_path / "run")], cwd=tmp_path, env=env)
+    info = slurm.wait_done(job, 150)
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", log
+    threads = (cpus_per_task * tasks) // tasks  # the job's CPUs on the node, shared by its tasks there
+    assert f"{threads} BLAS thread(s) per rank" in log, log
+    assert re.search(rf"\| BLAS \S+ \S+ {threads} threads?$", log, re.M), log  # what numpy's BLAS runs with
+
+
+@pytest.mark.timeout(240)
+def test_a_copied_job_script_uses_the_installed_dpbp(slurm, tmp_path, reference):
+    """The job script copied away from any checkout (and spooled by Slurm): nothing next to it, no DPBP_HOME,
+    no checkout in the submit directory; `python -m dpbp.launch` comes from the installed package."""
+    script = tmp_path / "my-job.sbatch"
+    script.write_bytes(SBATCH.read_bytes())
+    env = job_env()
+    del env["DPBP_HOME"]
+    job = slurm.sbatch(["--ntasks=4", "--time=5", str(script), str(CONFIG), *SETS], cwd=tmp_path, env=env)
+    info = slurm.wait_done(job, 150)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert "repository" not in log, log  # no checkout was found, none was used
+    assert_bitwise_equal(tmp_path / "runs" / job / "final.npz", reference)
