@@ -323,7 +323,7 @@ def test_training_on_idx_files_equals_training_on_the_same_npz(run_cli, tmp_path
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
     np.savez(tmp_path / "same.npz", x=images.reshape(90, -1) / 255.0, y=labels.astype(np.int64))
     common = ["--set", "model.sizes=[36,16,4]", "--set", "train.steps=30", "--set", "data.batch_size=16",
-              "--set", "train.eval_every=10", "--quiet"]
+              "--set", "train.eval_every=10", "--set", "data.val_fraction=0.2", "--quiet"]
     run_cli("train", *common, "--set", path_set("data.path", tmp_path / "same.npz"), "--out", tmp_path / "a",
             check=True, env={"DPBP_SERIAL": "1"})
     run_cli("train", *common, "--set", path_set("data.path", tmp_path / "train-images-idx3-ubyte.gz"),
