@@ -163,14 +163,15 @@ def _type_name(v) -> str:
 
 def unknown_key(key: str, origin: str) -> UserError:
     """The error for a key the schema lacks, with the closest key if one is close: first a key whose
-    last component is this one (``lr`` -> ``optim.lr``), then difflib on whole keys, on the section's
-    keys, on last components."""
+    last component is this one (``lr`` -> ``optim.lr``) or starts with it (``batch`` -> ``data.batch_size``),
+    then difflib on whole keys, on the section's keys, on last components."""
     section, _, last = key.rpartition(".")
     by_last: dict[str, list[str]] = {}
     for k in OPTIONS:
         by_last.setdefault(k.rpartition(".")[2], []).append(k)
     same_section = [k for k in OPTIONS if k.rpartition(".")[0] == section]
-    close = (by_last.get(last, []) or difflib.get_close_matches(key, OPTIONS, n=1)
+    prefixed = [k for name, keys in by_last.items() if len(last) >= 3 and name.startswith(last) for k in keys]
+    close = (by_last.get(last, []) or prefixed or difflib.get_close_matches(key, OPTIONS, n=1)
              or difflib.get_close_matches(key, same_section, n=1, cutoff=0.5)
              or [k for name in difflib.get_close_matches(last, by_last, n=1, cutoff=0.6) for k in by_last[name]])
     hint = f" (did you mean {' or '.join(repr(k) for k in close[:2])}?)" if close else ""

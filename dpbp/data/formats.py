@@ -282,7 +282,7 @@ def _class_names(path, where, names, target):
                                 comments=None, quotechar='"')
     except ValueError:
         return None
-    column = np.char.strip(column)
+    column = np.char.strip(column).tolist()
     is_number = np.array([_is_number(s) for s in column], bool)
     if is_number.all():
         return None
@@ -291,10 +291,10 @@ def _class_names(path, where, names, target):
         raise UserError(f"{where}: target column {names[target]!r} holds both numbers and class names "
                         f"(row {first_number}: {column[first_number]!r}, row {first_name}: "
                         f"{column[first_name]!r}; rows count from 0); class labels are all numbers or all names")
-    empty = np.flatnonzero(column == "")
-    if len(empty):
-        raise UserError(f"{where}: target column {names[target]!r} is empty in row {empty[0]} (rows count from 0)")
-    return column
+    if "" in column:
+        raise UserError(f"{where}: target column {names[target]!r} is empty in row {column.index('')} "
+                        f"(rows count from 0)")
+    return np.array(column, dtype=str)
 
 
 def _parse_csv(path, where, names, columns):
