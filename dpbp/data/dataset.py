@@ -226,7 +226,7 @@ def open_file(path, targets_path, cfg, need_targets=True, role="data", classes=N
     x, y, source, targets_source = read_file(path, targets_path, columns, need_targets, role,
                                              cfg["data.ignore_columns"])
     classes = classes or cfg["data.classes"] or None
-    if y is not None and y.dtype.kind == "U":
+    if need_targets and y is not None and y.dtype.kind == "U":  # predict ignores a column of names
         y, classes = encode_names(y, classes, targets_source)
     if classes is not None and len(classes) > max(n_out, 2):
         raise UserError(f"{targets_source}: {len(classes)} classes ({_listed(classes)}) but model.sizes ends "
