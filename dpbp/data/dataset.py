@@ -145,8 +145,8 @@ def first_problems(data, lo, hi, unit=False):
             bad = (labels < 0) | (labels >= data.t.classes)
             found[1] = _first(bad, a) if found[1] is None else found[1]
             used[labels[~bad]] = True
-            low = min(int(labels.min()), low if low is not None else int(labels.min()))
-            high = max(int(labels.max()), high if high is not None else int(labels.max()))
+            least, most = int(labels.min()), int(labels.max())
+            low, high = (least, most) if low is None else (min(low, least), max(high, most))
         if t is not None and (t_float or unit) and (found[2] is None or found[3] is None):
             values = t[a:b]
             if t_float and found[2] is None:
@@ -307,7 +307,8 @@ def load_data(cfg, comm=None, need_targets=True, standardize=None):
     if val is None and need_targets:
         train, val = split(train, val_fraction(cfg), cfg["seed"], cfg["data.shuffle"])
     if cfg["data.standardize"]:
-        standardize = standardize or stats.compute(train.x, comm)
+        if standardize is None:
+            standardize = stats.compute(train.x, comm)
         train = train.standardized(standardize)
         val = None if val is None else val.standardized(standardize)
     return replace(train, warnings=warnings), val
