@@ -531,14 +531,16 @@ def test_csv_class_names_become_sorted_classes(tmp_path):
     np.testing.assert_array_equal(everything(data)[0], x[:5])
     write_named(tmp_path / "four.csv", x, np.r_[ANIMALS, ["ant"] * (N - 3)])
     expect_error([path_set("data.path", tmp_path / "four.csv"), "data.target_column='kind'",
-                  "data.ignore_columns=['id']"], "four.csv", "4 classes (ant, bird, cat, dog) but model.sizes ends with 3")
+                  "data.ignore_columns=['id']"], "four.csv",
+                 "4 classes (ant, bird, cat, dog) but model.sizes ends with 3")
 
 
 def test_a_target_column_mixing_numbers_and_names_is_refused(tmp_path):
     x, _ = blobs(4)
     write_named(tmp_path / "m.csv", x, ["cat", "1", "dog", "2"])
     expect_error([path_set("data.path", tmp_path / "m.csv"), "data.target_column='kind'",
-                  "data.ignore_columns=['id']"], "m.csv", "column 'kind' holds both numbers and class names (row 1: '1', row 0: 'cat'")
+                  "data.ignore_columns=['id']"], "m.csv",
+                 "column 'kind' holds both numbers and class names (row 1: '1', row 0: 'cat'")
 
 
 def test_ignored_columns_are_neither_features_nor_targets(tmp_path):
