@@ -266,6 +266,8 @@ def main(argv, comm):
             config_path = None  # an empty run directory: start fresh there with the defaults
     cfg = load_config(config_path, args.set)
     train_data, val_data = load_data(cfg, comm)  # collective: ranks agree on bad data, scan it in shares
+    if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
+        cfg["data.classes"] = list(train_data.classes)
     idle_ranks = len(train_data) < comm.size
     if idle_ranks and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
@@ -295,6 +297,8 @@ def main(argv, comm):
     steps = total_steps(cfg, len(train_data))
     B, P = cfg["data.batch_size"], comm.size
     progress.start(cfg, model, train_data, val_data, steps, start, resumed_from)
+    for text in train_data.warnings:
+        progress.warn(text)
     if idle_ranks:  # harmless (an empty share adds zeros) and how the one-sample seed demo runs on 4 ranks
         progress.warn(f"{len(train_data)} training samples for {comm.size} ranks: some ranks stay idle")
     n_chunks = -(-min(B, len(train_data)) // cfg["comm.chunk"])
@@ -358,7 +362,8 @@ def main(argv, comm):
     wall = time.perf_counter() - t_start
     final = os.path.join(run_dir, "final.npz")
     if comm.rank == 0:
-        ckpt.save(final, params_dict(model), {"step": step, "dpbp": __version__})
+        ckpt.save(final, {**params_dict(model), **standardize_arrays(train_data)},
+                  {"step": step, "dpbp": __version__})
     if val_data is not None and (val_rec is None or val_rec["step"] != step):  # e.g. resumed at the end
         val_rec = eval_record(trainer, val_data, comm, step, None)
     progress.summary(step - start, step, wall, val_rec, final)
@@ -395,6 +400,11 @@ def params_dict(model):
     return {name: v.copy() for name, v in model.tensors().items()}
 
 
+def standardize_arrays(data):
+    """{"standardize.mean", "standardize.std"} of a data.standardize run, saved beside its parameters."""
+    return {} if data.standardize is None else data.standardize.to_arrays()
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option holds
@@ -426,7 +436,7 @@ def save_checkpoint(comm, trainer, run_dir, step):
         return
     cfg, n = trainer.cfg, len(trainer.data)
     epoch, position = epoch_position(n, cfg["data.batch_size"], step, cfg["data.drop_last"])
-    arrays = params_dict(trainer.model)
+    arrays = {**params_dict(trainer.model), **standardize_arrays(trainer.data)}
     for name, value in trainer.opt.state().items():
         arrays[f"optim.{name}"] = value.copy()
     meta = {"step": step, "epoch": epoch, "position_in_epoch": position,

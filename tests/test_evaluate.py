@@ -213,27 +213,50 @@ def test_class_names_reach_evaluate_and_predict(run_cli, tmp_path):
 
 def test_standardized_runs_predict_with_the_saved_statistics(run_cli, tmp_path):
     from dpbp import checkpoint
-    from dpbp.data.standardize import Standardize
     x, y = blobs(200, 4)
     x = x * [1.0, 100.0, 0.01, 5.0] + [0.0, 1e3, -7.0, 2.0]
     np.savez(tmp_path / "train.npz", x=x, y=y)
     common = ["--set", f"model.sizes=[{FEATURES},8,{CLASSES}]", "--set", f"loss.l2={L2}", "--set",
-              "data.standardize=true", "--set", "train.steps=20", "--set", "data.val_fraction=0.25", "--quiet"]
+              "data.standardize=true", "--set", "train.steps=20", "--set", "data.val_fraction=0.25",
+              "--set", "data.shuffle=false", "--quiet"]  # unshuffled: the first 150 rows train
     run_cli("train", *common, "--set", f"data.path='{tmp_path / 'train.npz'}'", "--out", tmp_path / "run",
-            check=True, env={"DPBP_SERIAL": "1"})
+            ranks=2, check=True)
+    with np.load(tmp_path / "run/final.npz") as f:
+        saved = {k: f[k] for k in ("standardize.mean", "standardize.std")}
+    mean, std = x[:150].mean(axis=0), x[:150].std(axis=0)
+    np.testing.assert_allclose(saved["standardize.mean"], mean, rtol=1e-13)
+    np.testing.assert_allclose(saved["standardize.std"], std, rtol=1e-12)
     # The run's own held-out set: the statistics of its training rows are computed again, the same bits.
     _, val = metrics(tmp_path / "run")
     proc = run_cli("evaluate", "--params", tmp_path / "run/final.npz", ranks=3, check=True)
     assert float(re.search(r"^loss (\S+)", proc.stdout, re.M).group(1)) == pytest.approx(val[-1]["loss"], rel=1e-5)
-    # Another file needs the statistics saved with the parameters.
-    np.save(tmp_path / "new.npy", x[:30])
-    proc = run_cli("predict", "--params", tmp_path / "run/final.npz", "--data", tmp_path / "new.npy", "--out",
-                   tmp_path / "p.csv", ranks=2, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("holds no standardize statistics") == 1, proc.stderr
-    params = load_params(tmp_path / "run/final.npz")
-    mean, std = x.mean(axis=0), x.std(axis=0)  # stand-ins for the training rows' figures
-    checkpoint.save(str(tmp_path / "run/with_stats.npz"), {**params, **Standardize(mean, std).to_arrays()})
-    run_cli("predict", "--params", tmp_path / "run/with_stats.npz", "--data", tmp_path / "new.npy", "--out",
+    # Another file gets the statistics saved with the parameters.
+    np.save(tmp_path / "new.npy", x[150:])
+    run_cli("predict", "--params", tmp_path / "run/final.npz", "--data", tmp_path / "new.npy", "--out",
             tmp_path / "p.csv", ranks=2, check=True)
+    params = load_params(tmp_path / "run/final.npz")
     table = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
-    np.testing.assert_allclose(table[:, 2:], softmax_net(params, (x[:30] - mean) / std), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(table[:, 2:], softmax_net(params, (x[150:] - mean) / std), rtol=1e-10, atol=1e-14)
+    checkpoint.save(str(tmp_path / "run/bare.npz"), params)  # parameters without their statistics
+    proc = run_cli("predict", "--params", tmp_path / "run/bare.npz", "--data", tmp_path / "new.npy", "--out",
+                   tmp_path / "q.csv", ranks=2, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("holds no standardize statistics") == 1, proc.stderr
+    proc = run_cli("evaluate", "--params", tmp_path / "run/bare.npz", "--data", tmp_path / "train.npz", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("holds no standardize statistics") == 1, proc.stderr
+
+
+def test_a_run_keeps_the_class_names_of_its_file_and_warns_once_about_unused_outputs(run_cli, tmp_path):
+    x, y = blobs(200, 2)
+    write_named_csv(tmp_path / "train.csv", x, y)
+    proc = run_cli("train", "--set", f"model.sizes=[{FEATURES},8,4]", "--set", f"data.path='{tmp_path / 'train.csv'}'",
+                   "--set", "data.target_column='kind'", "--set", "data.ignore_columns=['id']", "--set",
+                   "train.steps=10", "--out", tmp_path / "run", "--quiet", ranks=2, check=True)
+    assert 'classes = ["bird", "cat", "dog"]' in (tmp_path / "run/config.toml").read_text()  # sorted names
+    assert proc.stderr.count("model.sizes ends with 4 outputs but the labels use only 3 classes (no label 3)") == 1
+    tx, _ = blobs(20, 3)
+    write_named_csv(tmp_path / "new.csv", tx, np.zeros(20, int))
+    run_cli("predict", "--params", tmp_path / "run/final.npz", "--data", tmp_path / "new.csv", "--out",
+            tmp_path / "p.csv", check=True)
+    p = softmax_net(load_params(tmp_path / "run/final.npz"), tx)
+    predicted = [line.split(",")[1] for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert predicted == [(["bird", "cat", "dog"] + ["3"])[k] for k in p.argmax(axis=1)]
