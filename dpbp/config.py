@@ -41,17 +41,17 @@ def _sizes_ok(v):
     return len(v) >= 2 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in v)
 
 
+# data.val_fraction's "not given": the data set's own default (dpbp.data.builtin.VAL_FRACTION for the
+# built-in sets, none for a data file). TOML has no null, so "not given" must be a value of the type.
+AUTO = -1.0
+
+
 def _fraction_or_auto(v):
     return v == AUTO or 0 <= v < 1
 
 
 def _names(v):
     return all(isinstance(s, str) and s.strip() == s and s for s in v) and len(set(v)) == len(v)
-
-
-# data.val_fraction's "not given": the data set's own default (dpbp.data.builtin.default_val_fraction:
-# a share of each built-in set, none of a data file). TOML has no null, so the schema needs a number.
-AUTO = -1.0
 
 
 SCHEMA: tuple[Option, ...] = (
