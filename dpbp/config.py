@@ -21,7 +21,7 @@ from dpbp.errors import UserError
 class Option:
     key: str
     default: Any
-    kind: type  # int, float, str, bool or list (of positive ints)
+    kind: type  # int, float, str, bool or list (its items checked by `check`)
     doc: str
     choices: tuple = ()
     check: Callable[[Any], bool] | None = None
@@ -47,6 +47,19 @@ def _betas_ok(v):
 
 def _fraction(v):
     return 0 <= v < 1
+
+
+# data.val_fraction's "not given": the data set's own default (dpbp.data.builtin.VAL_FRACTION for the
+# built-in sets, none for a data file). TOML has no null, so "not given" must be a value of the type.
+AUTO = -1.0
+
+
+def _fraction_or_auto(v):
+    return v == AUTO or 0 <= v < 1
+
+
+def _names(v):
+    return all(isinstance(s, str) and s.strip() == s and s for s in v) and len(set(v)) == len(v)
 
 
 SCHEMA: tuple[Option, ...] = (
@@ -118,10 +131,20 @@ SCHEMA: tuple[Option, ...] = (
     Option("data.val_path", "", str,
            "A held-out data file in any data.path format (replaces the data.val_fraction split)."),
     Option("data.val_targets", "", str, "The targets file of a .npy or IDX data.val_path."),
-    Option("data.val_fraction", 0.2, float,
-           "Share of the training data held out for evaluation (split by seed, same on every rank); "
-           "unused when data.val_path is set.",
-           check=_fraction, allowed="0 <= fraction < 1"),
+    Option("data.val_fraction", AUTO, float,
+           "Share of the training data held out for evaluation (split by seed, the same on every rank; with "
+           "data.shuffle = false the last rows); -1: the data set's own default, 0.2 of a built-in set and "
+           "none of a data file; unused when data.val_path is set.",
+           check=_fraction_or_auto, allowed="0 <= fraction < 1, or -1"),
+    Option("data.ignore_columns", [], list, "CSV: columns that are neither features nor targets (e.g. an id).",
+           check=_names, allowed="a list of distinct column names"),
+    Option("data.classes", [], list,
+           "Class names, in label order: label k is classes[k]. Empty: a CSV target column of names gives "
+           "its sorted distinct names (training stores them in the run's config.toml).",
+           check=_names, allowed="a list of distinct non-empty names", trajectory=False),
+    Option("data.standardize", False, bool,
+           "Shift and scale each input feature by the training rows' mean and standard deviation "
+           "(1 where it is 0), computed alike on any number of ranks."),
     Option("data.batch_size", 64, int, "Global batch: samples per step summed over all ranks.",
            check=_positive, allowed="> 0"),
     Option("data.micro_batch", 0, int,
@@ -192,17 +215,28 @@ def _type_name(v) -> str:
         type(v), type(v).__name__)
 
 
+def unknown_key(key: str, origin: str) -> UserError:
+    """The error for a key the schema lacks, with the closest key if one is close: first a key whose
+    last component is this one (``lr`` -> ``optim.lr``) or starts with it (``batch`` -> ``data.batch_size``),
+    then difflib on whole keys, on the section's keys, on last components."""
+    section, _, last = key.rpartition(".")
+    by_last: dict[str, list[str]] = {}
+    for k in OPTIONS:
+        by_last.setdefault(k.rpartition(".")[2], []).append(k)
+    same_section = [k for k in OPTIONS if k.rpartition(".")[0] == section]
+    prefixed = [k for name, keys in by_last.items() if len(last) >= 3 and name.startswith(last) for k in keys]
+    synonym = by_last.get(SYNONYMS.get(last, ""), [])
+    close = (by_last.get(last, []) or synonym or prefixed or difflib.get_close_matches(key, OPTIONS, n=1)
+             or difflib.get_close_matches(key, same_section, n=1, cutoff=0.5)
+             or [k for name in difflib.get_close_matches(last, by_last, n=1, cutoff=0.6) for k in by_last[name]])
+    hint = f" (did you mean {' or '.join(repr(k) for k in close[:2])}?)" if close else ""
+    return UserError(f"{origin}: unknown key {key!r}{hint}")
+
+
 def validate_value(key: str, value: Any, origin: str) -> Any:
     """Check one value against the schema; return it normalised (ints accepted where floats are)."""
     if key not in OPTIONS:
-        section = key.rpartition(".")[0]
-        same_section = [k for k in OPTIONS if k.rpartition(".")[0] == section]
-        name = SYNONYMS.get(key.rpartition(".")[2])
-        close = ([k for k in OPTIONS if k.rpartition(".")[2] == name][:1]
-                 or difflib.get_close_matches(key, OPTIONS, n=1)
-                 or difflib.get_close_matches(key, same_section, n=1, cutoff=0.5))
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"{origin}: unknown key {key!r}{hint}")
+        raise unknown_key(key, origin)
     opt = OPTIONS[key]
     if opt.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -220,21 +254,30 @@ def validate_value(key: str, value: Any, origin: str) -> Any:
     return _copy(value)
 
 
+def _example(opt: Option) -> str:
+    """A --set value of the option's type, for messages: its default, in TOML."""
+    if opt.kind is list:
+        return "[" + ",".join(_toml_value(v) for v in opt.default or ["a", "b"]) + "]"
+    return _toml_value(opt.default)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with value read as a TOML value; a bare word is taken as a string."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.05")
-    raw = raw.strip()
+    if key not in OPTIONS:
+        raise unknown_key(key, f"--set {text!r}")
+    opt, raw = OPTIONS[key], raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if OPTIONS.get(key) is not None and OPTIONS[key].kind is str and raw and "\n" not in raw:
-            value = raw
-        else:
-            raise UserError(f"--set {text!r}: {raw!r} is not a TOML value (strings need quotes, lists look "
-                            f"like [784,256,10])") from None
+        if opt.kind is str and raw and "\n" not in raw:
+            return key, raw
+        need = {int: "a whole number", float: "a number", bool: "true or false",
+                list: "a list in brackets"}.get(opt.kind, "a TOML value")
+        raise UserError(f"--set {text!r}: {key} needs {need}, e.g. --set {key}={_example(opt)}") from None
     return key, value
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run, say
 from dpbp.config import load_config
 from dpbp.data import load_data
+from dpbp.data import standardize as stats
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, l2_penalty
 from dpbp.model import MLP
@@ -69,13 +70,13 @@ def held_out(model, cfg, data, comm, confusion=None):
     return rec
 
 
-def add_run_arguments(p, data_help):
+def add_run_arguments(p, data_help, data_required=False):
     """The arguments evaluate and predict share."""
     p.add_argument("--params", required=True, metavar="PARAMS.npz",
                    help="trained parameters: a run's final.npz or one of its checkpoints")
     config_arguments(p, "the run's config (default: config.toml next to --params)",
                      "override one config key, e.g. --set data.targets=labels.npy")
-    p.add_argument("--data", metavar="FILE", help=data_help)
+    p.add_argument("--data", metavar="FILE", required=data_required, help=data_help)
 
 
 def data_overrides(path):
@@ -91,8 +92,15 @@ def load_run(args, comm):
     return comm.agreed(_load_run, args)
 
 
+def run_config_path(args):
+    """--config, else the config.toml that training wrote next to --params."""
+    return args.config or os.path.join(os.path.dirname(os.path.abspath(args.params)), "config.toml")
+
+
 def _load_run(args):
-    config = args.config or os.path.join(os.path.dirname(os.path.abspath(args.params)), "config.toml")
+    if not os.path.exists(args.params):
+        raise UserError(f"--params {args.params!r}: no such file")
+    config = run_config_path(args)
     if not args.config and not os.path.exists(config):
         raise UserError(f"no --config given and no config.toml next to {args.params}; pass the run's config "
                         f"with --config")
@@ -111,25 +119,34 @@ def build_parser():
     return p
 
 
-def confusion_lines(confusion):
-    """Rows: true class; columns: predicted class."""
+def confusion_lines(confusion, names=()):
+    """Rows: true class; columns: predicted class; each named by names[c] (data.classes) if it has one."""
     k = len(confusion)
-    width = max(5, len(str(int(confusion.max(initial=0)))) + 1, len(str(k - 1)) + 1)
+    labels = [names[c] if c < len(names) else str(c) for c in range(k)]
+    width = max(5, len(str(int(confusion.max(initial=0)))) + 1, max(map(len, labels)) + 1)
+    corner = "true\\pred"
+    first = max(len(corner), max(map(len, labels)))
     lines = ["confusion matrix (rows: true class, columns: predicted class)",
-             "true\\pred" + "".join(f"{c:>{width}}" for c in range(k))]
+             f"{corner:<{first}}" + "".join(f"{c:>{width}}" for c in labels)]
     for c in range(k):
-        lines.append(f"{c:>9}" + "".join(f"{v:>{width}}" for v in confusion[c]))
+        lines.append(f"{labels[c]:>{first}}" + "".join(f"{v:>{width}}" for v in confusion[c]))
     return lines
 
 
 def main(argv, comm):
     args = parse_args(build_parser(), argv, comm)
     cfg, model = load_run(args, comm)
-    train, val = load_data(cfg, comm)
+    # The run's own held-out set recomputes the statistics of its training rows (the same bits);
+    # another file needs the ones saved with the parameters.
+    saved = stats.saved(args.params, cfg["model.sizes"][0]) if cfg["data.standardize"] else None
+    if cfg["data.standardize"] and args.data and saved is None:
+        raise UserError(f"data.standardize = true but {args.params} holds no standardize statistics to "
+                        f"apply to {args.data}")
+    train, val = load_data(cfg, comm, standardize=saved)
     data = train if args.data else val
     if data is None:
-        raise UserError("the run has no held-out set (data.val_fraction = 0 and no data.val_path); "
-                        "name a data file with --data")
+        raise UserError("the run has no held-out set (no data.val_path, and data.val_fraction is 0 or, for a "
+                        "data file, not given); name a data file with --data")
     confusion = None if data.labels is None else np.zeros((cfg["model.sizes"][-1],) * 2, np.int64)
     rec = held_out(model, cfg, data, comm, confusion)
     part = "" if args.data or cfg["data.val_path"] else "the held-out part of "
@@ -138,7 +155,7 @@ def main(argv, comm):
              f"penalty: the figure training logs as val_loss)"]
     if confusion is not None:
         lines.append(f"accuracy {rec['accuracy']:.4f} ({int(np.trace(confusion))} of {len(data)})")
-        lines += confusion_lines(confusion)
+        lines += confusion_lines(confusion, data.classes or ())
     say(comm, "\n".join(lines))
     return 0
 

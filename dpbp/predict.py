@@ -4,7 +4,9 @@
     mpirun -n 4 python -m dpbp.predict --params RUN/final.npz --data t10k-images-idx3-ubyte.gz --out p.csv
 
 Columns: row (in the file, from 0), then for a softmax or sigmoid output with 2+ units the predicted
-class (argmax) and p0..p{K-1}; otherwise the outputs y0..y{K-1}. Targets are not needed and not read.
+class (argmax; its name when the run has class names, data.classes in its config.toml) and
+p0..p{K-1}; otherwise the outputs y0..y{K-1}. Targets are not needed and not read. --out may not be
+one of the inputs (data file, parameters, config) nor a directory: checked before any work.
 Each rank computes its share of every block of rows; rank 0 gathers the block and writes it, so memory
 stays bounded by the block size whatever the size of the file. Same arguments as dpbp.evaluate.
 """
@@ -18,8 +20,9 @@ import numpy as np
 
 from dpbp.cli import ArgumentParser, parse_args, run, say
 from dpbp.data import load_data
+from dpbp.data import standardize as stats
 from dpbp.errors import UserError
-from dpbp.evaluate import add_run_arguments, load_run
+from dpbp.evaluate import add_run_arguments, load_run, run_config_path
 from dpbp.partition import share
 
 BLOCK = 4096  # rows per rank per gathered block
@@ -29,7 +32,7 @@ def build_parser():
     p = ArgumentParser(prog="python -m dpbp.predict",
                        description="Write the network's predictions for a data file as CSV "
                                    "(alone or under mpirun).")
-    add_run_arguments(p, "the data file to predict for, in any format dpbp reads")
+    add_run_arguments(p, "the data file to predict for, in any format dpbp reads", data_required=True)
     p.add_argument("--out", required=True, metavar="FILE.csv", help="where rank 0 writes the predictions")
     return p
 
@@ -54,6 +57,18 @@ def predict_blocks(model, data, comm, emit):
             emit(start, np.concatenate(parts))
 
 
+def output_problem(args):
+    """Why --out cannot be written (rank 0, before any work), or None: a directory, or one of the inputs."""
+    out = args.out
+    if os.path.isdir(out):
+        return f"--out {out!r} is a directory; name the CSV file to write, e.g. {os.path.join(out, 'predictions.csv')}"
+    for what, path in (("--data", args.data), ("--params", args.params), ("the run's config", run_config_path(args))):
+        if path and (os.path.realpath(out) == os.path.realpath(path)
+                     or (os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path))):
+            return f"--out {out!r} is {what} ({path}); predictions never overwrite an input: choose another file"
+    return None
+
+
 def open_output(path, comm):
     """Rank 0 opens a temporary file beside `path`; every rank learns whether that worked."""
     f, error = None, None
@@ -66,25 +81,48 @@ def open_output(path, comm):
     return f
 
 
-def main(argv, comm):
-    args = parse_args(build_parser(), argv, comm)
-    if not args.data:
-        raise UserError("python -m dpbp.predict: --data FILE is required (see --help)")
-    cfg, model = load_run(args, comm)
-    data, _ = load_data(cfg, comm, need_targets=False)
-    f = open_output(args.out, comm)
-    columns = header(model)
+def csv_names(names):
+    """Class names as CSV fields: quoted (with "" for ") when they hold a comma, quote or line break."""
+    return [f'"{n.replace(chr(34), chr(34) * 2)}"' if any(c in n for c in ',"\r\n') else n for n in names]
+
+
+def row_writer(f, model, names):
+    """emit(start, (rows, K) outputs): writes the rows' CSV lines to f (rank 0)."""
+    k = model.sizes[-1]
     digits = 9 if model.dtype == np.float32 else 17  # enough to read every output back exactly
-    fmt = ["%d"] * (len(columns) - model.sizes[-1]) + [f"%.{digits}g"] * model.sizes[-1]
+    classify = model.output in ("softmax", "sigmoid") and k >= 2
+    labels = np.array(csv_names(list(names)) + [str(c) for c in range(len(names), k)], dtype=object)
 
     def emit(start, out):
         rows = np.arange(start, start + len(out))[:, None]
-        lead = [rows, out.argmax(axis=1)[:, None]] if "predicted" in columns else [rows]
-        np.savetxt(f, np.hstack(lead + [out.astype(np.float64)]), fmt=fmt, delimiter=",")
+        if not classify or not names:
+            lead = [rows, out.argmax(axis=1)[:, None]] if classify else [rows]
+            fmt = ["%d"] * len(lead) + [f"%.{digits}g"] * k
+            np.savetxt(f, np.hstack(lead + [out.astype(np.float64)]), fmt=fmt, delimiter=",")
+            return
+        values = np.char.mod(f"%.{digits}g", out.astype(np.float64))
+        table = np.hstack([rows.astype(str), labels[out.argmax(axis=1)][:, None].astype(str), values])
+        np.savetxt(f, table, fmt="%s", delimiter=",")
 
+    return emit
+
+
+def main(argv, comm):
+    args = parse_args(build_parser(), argv, comm)
+    comm.agree(output_problem(args) if comm.rank == 0 else None)
+    cfg, model = load_run(args, comm)
+    standardize = None
+    if cfg["data.standardize"]:
+        standardize = comm.agreed(stats.saved, args.params, model.sizes[0])
+        if standardize is None:
+            raise UserError(f"data.standardize = true but {args.params} holds no standardize statistics "
+                            f"(standardize.mean, standardize.std) to apply to {args.data}")
+    data, _ = load_data(cfg, comm, need_targets=False, standardize=standardize)
+    f = open_output(args.out, comm)
+    emit = row_writer(f, model, cfg["data.classes"])
     try:
         if f is not None:
-            f.write(",".join(columns) + "\n")
+            f.write(",".join(header(model)) + "\n")
         predict_blocks(model, data, comm, emit)
     finally:
         if f is not None:

@@ -95,10 +95,15 @@ def write_config(run_dir, cfg):
         f.write(to_toml(cfg))
 
 
-def save_final(run_dir, model, step, name="final.npz"):
+def standardize_arrays(data):
+    """{"standardize.mean", "standardize.std"} of a data.standardize run, saved beside its parameters."""
+    return {} if data.standardize is None else data.standardize.to_arrays()
+
+
+def save_final(run_dir, model, step, data, name="final.npz"):
     """Rank 0: final.npz (or best.npz, the same format), atomically."""
     path = os.path.join(run_dir, name)
-    ckpt.save(path, params_dict(model), {"step": step, "dpbp": __version__})
+    ckpt.save(path, {**params_dict(model), **standardize_arrays(data)}, {"step": step, "dpbp": __version__})
     return path
 
 
@@ -162,7 +167,7 @@ def save_checkpoint(comm, trainer, run_dir, step, best=None):
         return
     cfg, n = trainer.cfg, len(trainer.data)
     epoch, position = epoch_position(n, cfg["data.batch_size"], step, cfg["data.drop_last"])
-    arrays = params_dict(trainer.model)
+    arrays = {**params_dict(trainer.model), **standardize_arrays(trainer.data)}
     for name, value in trainer.opt.state().items():
         arrays[f"optim.{name}"] = value.copy()
     meta = {"step": step, "epoch": epoch, "position_in_epoch": position,

@@ -87,6 +87,8 @@ def setup(args, comm):
     check_world_size(comm)
     cfg = run_config(args)
     train_data, val_data = load_data(cfg, comm)  # collective: ranks agree on bad data, scan it in shares
+    if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
+        cfg["data.classes"] = list(train_data.classes)
     if len(train_data) < comm.size and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
                         f"every rank needs at least one")
@@ -107,6 +109,8 @@ def setup(args, comm):
     if mismatch:
         raise TrainingFault(f"ranks start from different parameters: {mismatch}")
     progress.start(cfg, trainer.model, train_data, val_data, steps, start, resumed_from)
+    for text in train_data.warnings:
+        progress.warn(text)
     warn_idle_ranks(cfg, len(train_data), comm.size, progress)
     return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start)
 
@@ -166,7 +170,7 @@ def evaluate_and_keep_best(job, step, epoch):
     which step holds the best so far."""
     rec = eval_record(job, step, epoch)
     if job.best.update(rec["loss"], step) and job.trainer.comm.rank == 0:
-        runs.save_final(job.run_dir, job.trainer.model, step, "best.npz")
+        runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data, "best.npz")
     rec.update(best_step=job.best.step, best_loss=job.best.loss)
     job.val_rec = rec
     job.progress.record(rec)
@@ -189,7 +193,7 @@ def finish(job, wall):
     step, comm = job.step, job.trainer.comm
     final = os.path.join(job.run_dir, "final.npz")
     if comm.rank == 0:
-        runs.save_final(job.run_dir, job.trainer.model, step)
+        runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data)
     if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
         job.val_rec = eval_record(job, step, None)
         job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)

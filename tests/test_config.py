@@ -86,3 +86,47 @@ def test_mnist_config_names_the_idx_files_and_fails_clearly_without_them(run_cli
                    cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "mnist/train-images-idx3-ubyte.gz" in proc.stderr
+
+
+@pytest.mark.parametrize("setting,needle,not_there", [
+    ("optim.lr=fast", "--set 'optim.lr=fast': optim.lr needs a number, e.g. --set optim.lr=0.1", "quote"),
+    ("train.steps=many", "train.steps needs a whole number", "quote"),
+    ("data.standardize=yes", "data.standardize needs true or false", "quote"),
+    ("lr=0.05", "unknown key 'lr' (did you mean 'optim.lr'?)", "TOML"),
+    ("lr=fast", "unknown key 'lr' (did you mean 'optim.lr'?)", "TOML"),
+    ("batch=16", "unknown key 'batch' (did you mean 'data.batch_size'?)", "TOML"),
+    ("data.standardise=true", "did you mean 'data.standardize'?", "TOML"),
+])
+def test_set_messages_say_what_the_key_needs(setting, needle, not_there):
+    with pytest.raises(UserError) as e:
+        load_config(None, [setting])
+    assert needle in str(e.value) and not_there not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("data.val_fraction=-0.5", "data.val_fraction = -0.5 is out of range; allowed: 0 <= fraction < 1, or -1"),
+    ("data.val_fraction=1", "out of range"),
+    ("data.ignore_columns='id'", "data.ignore_columns = 'id' is a string; it must be a list"),
+    ("data.ignore_columns=[1]", "data.ignore_columns = [1] is out of range; allowed: a list of distinct column names"),
+    ("data.classes=['cat','cat']", "allowed: a list of distinct non-empty names"),
+    ("data.classes=['']", "allowed: a list of distinct non-empty names"),
+    ("data.standardize=1", "data.standardize = 1 is an integer; it must be a boolean"),
+])
+def test_new_data_keys_are_checked(setting, needle):
+    with pytest.raises(UserError) as e:
+        load_config(None, [setting])
+    assert needle in str(e.value), str(e.value)
+
+
+def test_new_data_keys_have_defaults_round_trip_and_table_rows(tmp_path):
+    from dpbp.config import reference_markdown
+    cfg = load_config()
+    assert cfg["data.val_fraction"] == -1.0 and cfg["data.ignore_columns"] == [] and cfg["data.classes"] == []
+    assert cfg["data.standardize"] is False
+    cfg = load_config(None, ["data.ignore_columns=['id', 'a \"b\"']", "data.classes=['dog','cat']",
+                             "data.standardize=true", "data.val_fraction=0.1"])
+    assert load_config(write(tmp_path, to_toml(cfg))) == cfg
+    table = reference_markdown()
+    for key, default in (("data.val_fraction", "-1.0"), ("data.ignore_columns", "[]"), ("data.classes", "[]"),
+                         ("data.standardize", "false")):
+        assert f"| `{key}` | `{default}` |" in table

@@ -323,7 +323,7 @@ def test_training_on_idx_files_equals_training_on_the_same_npz(run_cli, tmp_path
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
     np.savez(tmp_path / "same.npz", x=images.reshape(90, -1) / 255.0, y=labels.astype(np.int64))
     common = ["--set", "model.sizes=[36,16,4]", "--set", "train.steps=30", "--set", "data.batch_size=16",
-              "--set", "train.eval_every=10", "--quiet"]
+              "--set", "train.eval_every=10", "--set", "data.val_fraction=0.2", "--quiet"]
     run_cli("train", *common, "--set", path_set("data.path", tmp_path / "same.npz"), "--out", tmp_path / "a",
             check=True, env={"DPBP_SERIAL": "1"})
     run_cli("train", *common, "--set", path_set("data.path", tmp_path / "train-images-idx3-ubyte.gz"),
@@ -374,3 +374,291 @@ def test_any_bytes_load_or_raise_user_error(tmp_path, prefix, body, name):
             continue
         x, t, _ = everything(data)
         assert x.shape == (len(data), FEATURES) and t.shape == (len(data), CLASSES) and np.isfinite(x).all()
+
+
+# ---------------------------------------------------------------- the held-out set: only when asked for
+
+
+def test_a_data_file_trains_on_all_its_rows_unless_a_held_out_set_is_asked_for(tmp_path):
+    x, y = blobs()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    sizes = f"model.sizes=[{FEATURES},8,{CLASSES}]"
+    train, val = load_data(load_config(None, [sizes, path_set("data.path", tmp_path / "d.npz")]))
+    assert val is None and len(train) == N
+    np.testing.assert_array_equal(everything(train)[0], x)
+    train, val = load_data(load_config(None, [sizes, path_set("data.path", tmp_path / "d.npz"),
+                                              "data.val_fraction=0.25"]))
+    assert (len(train), len(val)) == (N - 15, 15)
+    # The default job keeps its held-out fifth of the digits: 0.2 of 1797 rounds to 359.
+    train, val = load_data(load_config())
+    assert (len(train), len(val)) == (1797 - 359, 359)
+
+
+def test_without_shuffling_the_last_rows_are_held_out(tmp_path):
+    x, y = blobs()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    train, val = load_data(cfg(path_set("data.path", tmp_path / "d.npz"), "data.val_fraction=0.25",
+                               "data.shuffle=false"))
+    np.testing.assert_array_equal(everything(train)[0], x[:N - 15])
+    np.testing.assert_array_equal(everything(val)[0], x[N - 15:])
+    np.testing.assert_array_equal(everything(val)[2], y[N - 15:])
+
+
+# ---------------------------------------------------------------- the built-in digits, read directly
+
+
+def test_digits_come_from_the_bundled_file_equal_to_load_digits():
+    """The file's format, read here with gzip + csv: 1797 lines of 64 pixel counts 0..16 and a label."""
+    import csv
+    import gzip
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from dpbp.data.builtin import digits
+    folder = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+    with gzip.open(os.path.join(folder, "datasets", "data", "digits.csv.gz"), "rt") as f:
+        table = np.array([[int(float(v)) for v in row] for row in csv.reader(f)])
+    assert table.shape == (1797, 65) and table[:, :64].min() == 0 and table[:, :64].max() == 16
+    assert sorted(set(table[:, 64])) == list(range(10))
+    x, y = digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(x, reference.data / 16.0)
+    np.testing.assert_array_equal(x, table[:, :64] / 16.0)
+    np.testing.assert_array_equal(y, reference.target)
+    assert y.dtype == np.int64 and x.dtype == np.float64
+
+
+def test_the_default_job_does_not_import_scikit_learn(run_cli, tmp_path):
+    proc = run_cli("train", "--set", "train.steps=1", "--out", tmp_path / "r", "--quiet",
+                   env={"PYTHONPROFILEIMPORTTIME": "1", "DPBP_SERIAL": "1"})
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")]
+    assert "dpbp.data.builtin" in imported and "numpy" in imported  # the profile is there
+    assert not [m for m in imported if m.startswith("sklearn")], [m for m in imported if "sklearn" in m][:5]
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed: imports and find_spec fail
+    with pytest.raises(UserError) as e:
+        load_data(load_config())
+    assert "data.name = 'digits' needs scikit-learn" in str(e.value)
+    assert 'pip install "dpbp[digits]"' in str(e.value)
+
+
+# ---------------------------------------------------------------- targets the output cannot fit
+
+
+def test_a_sigmoid_with_cross_entropy_refuses_targets_outside_0_1(tmp_path):
+    x, _ = blobs()
+    t = np.random.default_rng(4).random((N, 2))
+    t[9, 1] = 1.5
+    t[30, 0] = -0.25
+    np.savez(tmp_path / "d.npz", x=x, y=t)
+    sigmoid = ["model.output='sigmoid'", path_set("data.path", tmp_path / "d.npz")]
+    expect_error(sigmoid, "d.npz", "target 1.5 in row 9 is outside [0, 1]", "sigmoid", "cross_entropy",
+                 sizes=(FEATURES, 2))
+    # Squared error has no such limit: the same file loads.
+    load_data(cfg(*sigmoid, "loss.kind='squared_error'", sizes=(FEATURES, 2)))
+    # One sigmoid unit with whole-number targets: 0/1 only.
+    np.savez(tmp_path / "b.npz", x=x, y=np.r_[np.zeros(40, int), np.ones(19, int), [2]])
+    expect_error(["model.output='sigmoid'", path_set("data.path", tmp_path / "b.npz")], "b.npz",
+                 f"target 2 in row {N - 1} is outside [0, 1]", sizes=(FEATURES, 1))
+
+
+def test_labels_1_to_k_suggest_shifting_them():
+    with pytest.raises(UserError) as e:
+        _load_labels(np.arange(N) % CLASSES + 1)
+    assert "label 3 in row 2 is outside [0, 3)" in str(e.value)
+    assert "the labels run 1..3: shift them to 0..2" in str(e.value)
+    with pytest.raises(UserError) as e:  # labels 0..3: one too many, not shifted
+        _load_labels(np.arange(N) % (CLASSES + 1))
+    assert "outside [0, 3)" in str(e.value) and "shift" not in str(e.value)
+
+
+def _load_labels(y, sizes=(FEATURES, 8, CLASSES)):
+    from dpbp.data.dataset import check_values, make_dataset
+    data = make_dataset(blobs()[0], y, sizes[0], sizes[-1], "labels")
+    return check_values([data], None)
+
+
+def test_more_outputs_than_classes_is_a_warning_returned_for_rank_0(tmp_path):
+    x, _ = blobs()
+    y = np.arange(N) % 2  # classes 0 and 1 of 0..3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    train, _ = load_data(cfg(path_set("data.path", tmp_path / "d.npz"), sizes=(FEATURES, 8, 4)))
+    assert train.warnings == [f"data file '{tmp_path / 'd.npz'}': model.sizes ends with 4 outputs but the labels "
+                              f"use only 2 classes (no label 2, 3): is the last entry of model.sizes right?"]
+    train, _ = load_data(cfg(path_set("data.path", tmp_path / "d.npz"), sizes=(FEATURES, 8, 2)))
+    assert train.warnings == []
+
+
+# ---------------------------------------------------------------- CSV: class names and ignored columns
+
+
+def write_named(path, x, names, extra=None):
+    """CSV with an id column of text, four features and a column of class names."""
+    header = ["id", "a", "b", "c", "d", "kind"]
+    write_csv(path, header, [[f"s{i}", *r, n] for i, (r, n) in enumerate(zip(x.tolist(), names))])
+
+
+ANIMALS = np.array(["dog", "cat", "bird"])
+
+
+def test_csv_class_names_become_sorted_classes(tmp_path):
+    x, y = blobs()
+    write_named(tmp_path / "train.csv", x, ANIMALS[y])
+    write_named(tmp_path / "test.csv", x[:5], ["dog"] * 5)  # a subset of the names: the training set's classes
+    common = [path_set("data.path", tmp_path / "train.csv"), "data.target_column='kind'", "data.ignore_columns=['id']"]
+    train, val = load_data(cfg(*common, path_set("data.val_path", tmp_path / "test.csv")))
+    assert train.classes == ["bird", "cat", "dog"]
+    expected = np.array([["bird", "cat", "dog"].index(n) for n in ANIMALS[y]])
+    np.testing.assert_array_equal(everything(train)[2], expected)
+    np.testing.assert_array_equal(everything(train)[0], x)
+    np.testing.assert_array_equal(everything(val)[2], [2] * 5)
+    assert val.classes == ["bird", "cat", "dog"]
+    # data.classes fixes the names and their order.
+    train, _ = load_data(cfg(*common, "data.classes=['dog','cat','bird']"))
+    np.testing.assert_array_equal(everything(train)[2], y)
+    assert train.classes == ["dog", "cat", "bird"]
+    write_named(tmp_path / "fish.csv", x[:5], ["dog", "cat", "cat", "fish", "dog"])
+    expect_error([*common, path_set("data.val_path", tmp_path / "fish.csv")], "held-out data file", "fish.csv",
+                 "class 'fish' in row 3 is not one of the training set's classes (bird, cat, dog")
+    # Predicting reads no targets, so names the training set never had do not matter there.
+    data, _ = load_data(cfg(path_set("data.path", tmp_path / "fish.csv"), "data.target_column='kind'",
+                            "data.ignore_columns=['id']", "data.classes=['dog','cat','bird']"), need_targets=False)
+    np.testing.assert_array_equal(everything(data)[0], x[:5])
+    write_named(tmp_path / "four.csv", x, np.r_[ANIMALS, ["ant"] * (N - 3)])
+    expect_error([path_set("data.path", tmp_path / "four.csv"), "data.target_column='kind'",
+                  "data.ignore_columns=['id']"], "four.csv",
+                 "4 classes (ant, bird, cat, dog) but model.sizes ends with 3")
+
+
+def test_a_target_column_mixing_numbers_and_names_is_refused(tmp_path):
+    x, _ = blobs(4)
+    write_named(tmp_path / "m.csv", x, ["cat", "1", "dog", "2"])
+    expect_error([path_set("data.path", tmp_path / "m.csv"), "data.target_column='kind'",
+                  "data.ignore_columns=['id']"], "m.csv",
+                 "column 'kind' holds both numbers and class names (row 1: '1', row 0: 'cat'")
+
+
+def test_ignored_columns_are_neither_features_nor_targets(tmp_path):
+    x, y = blobs()
+    header = ["id", "a", "b", "note", "c", "d", "label"]
+    write_csv(tmp_path / "d.csv", header, [[f"row{i}", r[0], r[1], "free text", r[2], r[3], lab]
+                                           for i, (r, lab) in enumerate(zip(x.tolist(), y.tolist()))])
+    common = [path_set("data.path", tmp_path / "d.csv"), "data.target_column='label'"]
+    data, _ = load_data(cfg(*common, "data.ignore_columns=['id', 'note']"))
+    np.testing.assert_array_equal(everything(data)[0], x)
+    np.testing.assert_array_equal(everything(data)[2], y)
+    expect_error([*common, "data.ignore_columns=['id', 'notes']"], "d.csv",
+                 "data.ignore_columns names 'notes', which is not one of its columns "
+                 "(its header: id, a, b, note, c, d, label)")
+    expect_error([*common, "data.ignore_columns=['id']"], "line 2, column 'note': 'free text' is not a number")
+    with open(tmp_path / "d.csv", "a") as f:
+        f.write("row60,1,2,x,3,4,0,5\n")  # one field too many, in the last line
+    expect_error([*common, "data.ignore_columns=['id', 'note']"], f"line {N + 2} has 8 fields but the header has 7")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    expect_error([path_set("data.path", tmp_path / "d.npz"), "data.ignore_columns=['id']"],
+                 "data.ignore_columns = ['id'] names CSV columns", "d.npz", "npz, not CSV")
+
+
+# ---------------------------------------------------------------- data.standardize
+
+
+class ThreadComm:
+    """P ranks as threads of this process, with the allgather that standardize needs."""
+
+    def __init__(self, rank, size, board, barrier):
+        self.rank, self.size, self.board, self.barrier = rank, size, board, barrier
+
+    def allgather(self, obj):
+        self.barrier.wait()
+        self.board[self.rank] = obj
+        self.barrier.wait()
+        got = list(self.board)
+        self.barrier.wait()
+        return got
+
+
+def standardize_on(x, size):
+    """dpbp's statistics computed by `size` ranks together (threads), as each rank sees them."""
+    import threading
+
+    from dpbp.data import standardize as stats
+    board, barrier, results = [None] * size, threading.Barrier(size), [None] * size
+
+    def rank(r):
+        results[r] = stats.compute(x, ThreadComm(r, size, board, barrier))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_standardize_statistics_are_the_same_bits_for_any_number_of_ranks(monkeypatch):
+    from dpbp.data import standardize as stats
+    monkeypatch.setattr(stats, "_CHUNK_BYTES", 7 * 8 * 5)  # 7 rows per chunk: 15 chunks of 101 rows
+    rng = np.random.default_rng(7)
+    x = rng.normal(1e6, 1.0, (101, 5)) * rng.random(5) * 10.0 ** rng.integers(-8, 8, 5)  # wide range of scales
+    x[:, 2] = 3.25  # constant: std 0, divisor 1
+    one = stats.compute(x)
+    for size in (2, 3, 4):
+        for got in standardize_on(x, size):
+            assert got.mean.tobytes() == one.mean.tobytes() and got.std.tobytes() == one.std.tobytes(), size
+    # The figures: mean and population standard deviation written out here, with exact sums.
+    import math
+    mean = np.array([math.fsum(x[:, j]) / len(x) for j in range(5)])
+    std = np.array([math.sqrt(math.fsum((x[:, j] - mean[j]) ** 2) / len(x)) for j in range(5)])
+    np.testing.assert_allclose(one.mean, mean, rtol=1e-15)
+    np.testing.assert_allclose(one.std[[0, 1, 3, 4]], std[[0, 1, 3, 4]], rtol=1e-9)
+    assert std[2] == 0 and one.std[2] == 1.0
+
+
+def test_standardize_uses_the_training_rows_and_applies_lazily(tmp_path):
+    x, y = blobs()
+    x[:, 3] = 5.0  # a constant feature becomes 0
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    train, val = load_data(cfg(path_set("data.path", tmp_path / "x.npy"), path_set("data.targets", tmp_path / "y.npy"),
+                               "data.val_fraction=0.25", "data.standardize=true"))
+    raw_train, _ = load_data(cfg(path_set("data.path", tmp_path / "x.npy"),
+                                 path_set("data.targets", tmp_path / "y.npy"), "data.val_fraction=0.25"))
+    rows = everything(raw_train)[0]  # the training part of the same split, not the whole file
+    assert len(rows) == N - 15
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    np.testing.assert_allclose(train.standardize.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(train.standardize.std[:3], std[:3], rtol=1e-12)
+    assert train.standardize.std[3] == 1.0
+    s = train.standardize
+    np.testing.assert_array_equal(everything(train)[0], (rows - s.mean) / s.std)
+    assert np.all(everything(train)[0][:, 3] == 0)
+    _, raw_val = load_data(cfg(path_set("data.path", tmp_path / "x.npy"),
+                               path_set("data.targets", tmp_path / "y.npy"), "data.val_fraction=0.25"))
+    np.testing.assert_array_equal(everything(val)[0], (everything(raw_val)[0] - s.mean) / s.std)
+    assert isinstance(train.x.base, type(raw_train.x))  # still read from the file per row, not copied
+    # Saved statistics are applied instead of being computed again (evaluate, predict).
+    other, _ = load_data(cfg(path_set("data.path", tmp_path / "x.npy"), path_set("data.targets", tmp_path / "y.npy"),
+                             "data.standardize=true"), standardize=s)
+    np.testing.assert_array_equal(everything(other)[0], (x - s.mean) / s.std)
+
+
+def test_standardize_statistics_round_trip_through_arrays():
+    from dpbp.data.standardize import Standardize
+    s = Standardize(np.array([0.5, -2.0]), np.array([1.0, 3.0]))
+    arrays = s.to_arrays()
+    assert sorted(arrays) == ["standardize.mean", "standardize.std"]
+    back = Standardize.from_arrays(arrays, "f.npz", 2)
+    np.testing.assert_array_equal(back.mean, s.mean)
+    np.testing.assert_array_equal(back.std, s.std)
+    assert Standardize.from_arrays({"layers.0.weight": np.zeros(2)}, "f.npz", 2) is None
+    with pytest.raises(UserError, match="the model has 3 input features"):
+        Standardize.from_arrays(arrays, "f.npz", 3)
+    with pytest.raises(UserError, match="finite and positive"):
+        Standardize.from_arrays({**arrays, "standardize.std": np.array([1.0, 0.0])}, "f.npz", 2)
+    with pytest.raises(UserError, match="not both"):
+        Standardize.from_arrays({"standardize.mean": s.mean}, "f.npz", 2)

@@ -193,11 +193,48 @@ def _npz_array(zf, path, where, info):
 # ---------------------------------------------------------------- CSV
 
 
-def read_csv(path, where, target_columns, need_targets):
+def read_csv(path, where, target_columns, need_targets, ignore_columns=()):
     """(x, y): float64 arrays in memory; y is None when the target columns are absent and not needed.
 
-    One target column holding whole numbers only becomes int64 labels (n,); several give (n, k).
+    One target column holding whole numbers only becomes int64 labels (n,), one holding names (no
+    numbers) a str array (n,) of class names; several give numbers (n, k). ignore_columns are
+    skipped: neither features nor targets, and not parsed (they may hold text, such as an id).
     """
+    names = _csv_header(path, where)
+    header = ", ".join(names)
+    for c in ignore_columns:
+        if c not in names:
+            raise UserError(f"{where}: data.ignore_columns names {c!r}, which is not one of its columns "
+                            f"(its header: {header})")
+        if c in target_columns:
+            raise UserError(f"{where}: column {c!r} is both a target (data.target_column) and ignored "
+                            f"(data.ignore_columns)")
+    missing = [c for c in target_columns if c not in names]
+    if need_targets and (missing or not target_columns):
+        what = f"has no column {missing[0]!r}" if missing else "needs data.target_column to name its target column(s)"
+        raise UserError(f"{where} {what} (its header: {header})")
+    targets = [names.index(c) for c in target_columns if c in names]
+    numeric = [i for i, c in enumerate(names) if c not in ignore_columns]
+    if len(numeric) == len(targets):
+        raise UserError(f"{where}: no feature columns are left once the target and ignored columns are "
+                        f"taken out (its header: {header})")
+    table, labels = _read_table(path, where, names, numeric, targets[0] if len(targets) == 1 else None)
+    if labels is not None:
+        numeric.remove(targets[0])
+    x = table[:, [k for k, i in enumerate(numeric) if i not in targets]]
+    if not targets:
+        return x, None
+    if labels is not None:
+        return x, labels
+    y = table[:, [numeric.index(i) for i in targets]]
+    if len(targets) == 1:
+        y = y[:, 0]
+        if np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)
+    return x, y
+
+
+def _csv_header(path, where):
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = f.readline()
     names = [s.strip() for s in next(csv.reader([header]), [])]
@@ -205,22 +242,7 @@ def read_csv(path, where, target_columns, need_targets):
         raise UserError(f"{where} has an empty first line; a CSV file needs a header naming its columns")
     if all(_is_number(s) for s in names):
         raise UserError(f"{where}: the first line must be a header naming the columns, found numbers")
-    missing = [c for c in target_columns if c not in names]
-    if need_targets and (missing or not target_columns):
-        what = f"has no column {missing[0]!r}" if missing else "needs data.target_column to name its target column(s)"
-        raise UserError(f"{where} {what} (its header: {', '.join(names)})")
-    table = _parse_csv(path, where, names)
-    targets = [names.index(c) for c in target_columns if c in names]
-    features = [i for i in range(len(names)) if i not in targets]
-    x = table[:, features]
-    if not targets:
-        return x, None
-    y = table[:, targets]
-    if len(targets) == 1:
-        y = y[:, 0]
-        if np.isfinite(y).all() and (y == np.round(y)).all():
-            y = y.astype(np.int64)
-    return x, y
+    return names
 
 
 def _is_number(s):
@@ -231,24 +253,71 @@ def _is_number(s):
         return False
 
 
-def _parse_csv(path, where, names):
+def _read_table(path, where, names, numeric, target):
+    """(float64 table of the `numeric` columns, None), or (table without column `target`, its names as
+    a str array (n,)) when that one target column holds class names instead of numbers."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "input contained no data": reported below
-            with open(path, encoding="utf-8-sig") as f:  # a file object: numpy would gunzip a *.gz path
-                table = np.loadtxt(f, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, comments=None,
-                                   quotechar='"')
-    except ValueError as e:  # numpy's message is terse; find the line ourselves
-        raise UserError(f"{where}: {_csv_problem(path, names) or e}") from None
+        return _parse_csv(path, where, names, numeric), None
+    except ValueError as e:
+        problem = e
+    labels = None if target is None else _class_names(path, where, names, target)
+    if labels is not None:
+        try:
+            table = _parse_csv(path, where, names, [i for i in numeric if i != target])
+            if len(table) != len(labels):
+                raise UserError(f"{where}: {len(labels)} class names for {len(table)} rows")
+            return table, labels
+        except ValueError as e:
+            problem = e
+    numbers = [names[i] for i in numeric if not (labels is not None and i == target)]
+    raise UserError(f"{where}: {_csv_problem(path, names, numbers) or problem}") from None
+
+
+def _class_names(path, where, names, target):
+    """The target column as stripped strings if it holds class names (None if it holds only numbers or
+    cannot be read: then the numeric parse's problem is the one to report)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            column = np.loadtxt(f, delimiter=",", skiprows=1, dtype=str, usecols=[target], ndmin=1,
+                                comments=None, quotechar='"')
+    except ValueError:
+        return None
+    column = np.char.strip(column).tolist()
+    is_number = np.array([_is_number(s) for s in column], bool)
+    if is_number.all():
+        return None
+    if is_number.any():
+        first_number, first_name = int(np.argmax(is_number)), int(np.argmax(~is_number))
+        raise UserError(f"{where}: target column {names[target]!r} holds both numbers and class names "
+                        f"(row {first_number}: {column[first_number]!r}, row {first_name}: "
+                        f"{column[first_name]!r}; rows count from 0); class labels are all numbers or all names")
+    if "" in column:
+        raise UserError(f"{where}: target column {names[target]!r} is empty in row {column.index('')} "
+                        f"(rows count from 0)")
+    return np.array(column, dtype=str)
+
+
+def _parse_csv(path, where, names, columns):
+    """The float64 table (n, len(columns)) of those columns; ValueError if numpy cannot parse them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "input contained no data": reported below
+        with open(path, encoding="utf-8-sig") as f:  # a file object: numpy would gunzip a *.gz path
+            table = np.loadtxt(f, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, comments=None,
+                               quotechar='"', usecols=None if len(columns) == len(names) else columns)
     if table.size == 0:
         raise UserError(f"{where} is empty: it has a header but no data rows")
-    if table.shape[1] != len(names):
+    if len(columns) == len(names) and table.shape[1] != len(names):
         raise UserError(f"{where}: its rows have {table.shape[1]} fields but the header has {len(names)}")
+    if len(columns) < len(names):  # numpy reads the columns asked for and lets a longer row pass
+        ragged = _csv_problem(path, names, ())
+        if ragged:
+            raise UserError(f"{where}: {ragged}")
     return table
 
 
-def _csv_problem(path, names):
-    """The first ragged row or non-number, as 'line N ...' (only called after numpy refused the file)."""
+def _csv_problem(path, names, numbers):
+    """The first ragged row, or non-number in one of the columns named in `numbers`, as 'line N ...'."""
+    numbers = set(numbers)
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f)
         next(reader, None)
@@ -259,7 +328,7 @@ def _csv_problem(path, names):
                 return (f"line {reader.line_num} has {len(fields)} fields but the header has {len(names)} "
                         f"(a ragged row)")
             for name, s in zip(names, fields):
-                if not _is_number(s):
+                if name in numbers and not _is_number(s):
                     return f"line {reader.line_num}, column {name!r}: {s!r} is not a number"
     return None
 
@@ -267,14 +336,18 @@ def _csv_problem(path, names):
 # ---------------------------------------------------------------- inputs and targets together
 
 
-def read_file(path, targets_path, target_columns, need_targets, role="data"):
+def read_file(path, targets_path, target_columns, need_targets, role="data", ignore_columns=()):
     """(x, y, x_where, y_where) for data file `path` (+ its targets file for .npy/IDX inputs).
 
     x: (n, features) rows, trailing axes flattened; IDX bytes scaled to [0, 1].
-    y: (n,) or (n, k), or None when need_targets is false (predict) and the file has none.
+    y: (n,) or (n, k), or None when need_targets is false (predict) and the file has none; CSV class
+       names are a str array (n,).
     """
     where = f"{role} file {path!r}"
     kind = sniff(path, where)
+    if ignore_columns and kind != "csv":
+        raise UserError(f"data.ignore_columns = {list(ignore_columns)} names CSV columns, but {where} is "
+                        f"{kind}, not CSV")
     y = None
     if kind == "npz":
         wanted = ("x", "y") if need_targets else ("x",)
@@ -285,7 +358,7 @@ def read_file(path, targets_path, target_columns, need_targets, role="data"):
                             f"expected x and y")
         x, y = arrays["x"], arrays.get("y")
     elif kind == "csv":
-        x, y = read_csv(path, where, target_columns, need_targets)
+        x, y = read_csv(path, where, target_columns, need_targets, ignore_columns)
     else:
         x = read_array(path, kind, where)
     x = _flatten(x, where)

@@ -143,14 +143,21 @@ class Take(Rows):
 
 
 class Scaled(Rows):
-    """base[rows] / divisor as float64: IDX images stored as bytes 0..255 become [0, 1]."""
+    """(base[rows] - shift) / divisor as float64, computed per read: IDX images stored as bytes 0..255
+    become [0, 1] (divisor 255); standardized features use the training rows' per-feature mean as
+    shift and standard deviation as divisor (arrays of shape (features,))."""
 
-    def __init__(self, base, divisor):
-        self.base, self.divisor = base, float(divisor)
+    def __init__(self, base, divisor, shift=0.0):
+        self.base = base
+        self.divisor = divisor if isinstance(divisor, np.ndarray) else float(divisor)
+        self.shift = shift if isinstance(shift, np.ndarray) else float(shift)
         self.shape, self.dtype = tuple(base.shape), np.dtype(np.float64)
 
     def __getitem__(self, rows):
-        return np.divide(self.base[rows], self.divisor, dtype=np.float64)
+        a = self.base[rows]
+        if not (isinstance(self.shift, float) and self.shift == 0.0):
+            a = np.subtract(a, self.shift, dtype=np.float64)
+        return np.divide(a, self.divisor, dtype=np.float64)
 
 
 class OneHot(Rows):

@@ -90,3 +90,54 @@ def test_a_bad_value_in_any_ranks_share_stops_every_rank_alike(tmp_path, where):
     message = str(e.value)
     assert f"inputs hold NaN or inf, first in row {bad_row}" in message
     assert all(m == message for m in comm.allgather(message))
+
+
+@pytest.mark.mpi
+def test_standardize_statistics_are_the_serial_bits_on_every_rank(tmp_path, monkeypatch):
+    """Each rank sums its own fixed chunks of the training rows; the result equals, bit for bit, the
+    statistics one process computes alone, on every rank, whatever comm.size is."""
+    from dpbp.data import standardize as stats
+    monkeypatch.setattr(stats, "_CHUNK_BYTES", 5 * 8 * 6)  # 5 rows per chunk: many chunks per rank
+    comm = get_comm()
+    folder = shared_dir(comm, tmp_path)
+    rng = np.random.default_rng(3)
+    n = 97
+    x = rng.normal(0, 1, (n, 6)) * 10.0 ** rng.integers(-6, 6, 6) + 10.0 ** rng.integers(0, 8, 6)
+    x[:, 4] = -2.5  # constant: divisor 1
+    paths = write_files(comm, folder, x, rng.integers(0, 3, n))
+    cfg = load_config(None, paths + ["model.sizes=[6,3]", "data.val_fraction=0.2", "data.standardize=true"])
+    train, val = load_data(cfg, comm)
+    alone, _ = load_data(cfg)  # this rank on its own: every chunk
+    s, t = train.standardize, alone.standardize
+    assert s.mean.tobytes() == t.mean.tobytes() and s.std.tobytes() == t.std.tobytes()
+    assert len(set(comm.allgather(s.mean.tobytes() + s.std.tobytes()))) == 1
+    assert s.std[4] == 1.0
+    rows = np.asarray(alone.x.base)  # the training part of the split, before standardizing
+    np.testing.assert_allclose(s.mean, rows.mean(axis=0), rtol=1e-13)
+    np.testing.assert_array_equal(train.x[0:len(train)], (rows - s.mean) / s.std)
+
+
+@pytest.mark.mpi
+def test_class_names_warnings_and_target_range_agree_on_every_rank(tmp_path):
+    comm = get_comm()
+    folder = shared_dir(comm, tmp_path)
+    n = 7 * comm.size + 5
+    x = np.random.default_rng(2).random((n, 2))
+    names = ["owl", "cat"] * (n // 2) + ["cat"] * (n % 2)
+    if comm.rank == 0:
+        with open(os.path.join(folder, "d.csv"), "w") as f:
+            f.write("x1,name,x2\n" + "".join(f"{a!r},{c},{b!r}\n" for (a, b), c in zip(x.tolist(), names)))
+        np.savez(os.path.join(folder, "t.npz"), x=x, y=np.r_[np.zeros(n - 1), [1.25]])
+    comm.barrier()
+    csv_path = f"data.path={json.dumps(os.path.join(folder, 'd.csv'))}"
+    train, _ = load_data(load_config(None, [csv_path, "data.target_column='name'", "model.sizes=[2,3]"]), comm)
+    assert train.classes == ["cat", "owl"]
+    np.testing.assert_array_equal(train.labels, [["cat", "owl"].index(c) for c in names])
+    assert len(train.warnings) == 1 and "model.sizes ends with 3 outputs but the labels use only 2" in train.warnings[0]
+    assert comm.allgather(train.warnings) == [train.warnings] * comm.size
+    cfg = load_config(None, [f"data.path={json.dumps(os.path.join(folder, 't.npz'))}", "model.sizes=[2,1]",
+                             "model.output='sigmoid'"])
+    with pytest.raises(UserError) as e:  # the bad target is in the last rank's share
+        load_data(cfg, comm)
+    assert f"target 1.25 in row {n - 1} is outside [0, 1]" in str(e.value)
+    assert comm.allgather(str(e.value)) == [str(e.value)] * comm.size
