@@ -8,6 +8,7 @@
 #   hosts.sh link K down|up cut or restore host K's link to the switch
 #   hosts.sh down           stop everything `up` started (by recorded PID), delete the namespaces and links
 #   hosts.sh status         print the state directory, the hosts and their processes (exit 1 if not up)
+# Exit status: 0 done, 2 usage or failure, 3 the packages it needs (${PACKAGES[*]}) cannot be installed.
 #
 # Layout (P = $DPBP_CLUSTER_PREFIX, default "dpbp"; state in $DPBP_CLUSTER_DIR, default /tmp/dpbp-cluster):
 #   netns P-sw : bridge P-br, switch ends P-v1..P-vN of the hosts' veths, and the controller host
@@ -40,6 +41,7 @@ CLIENTS=(sbatch squeue scancel scontrol sinfo srun salloc)
 export PATH=$PATH:$SBIN
 
 die() { echo "hosts.sh: $*" >&2; exit 2; }
+cannot_install() { echo "hosts.sh: cannot install: $*" >&2; exit 3; }  # exit 3: tests skip, not fail
 log() { echo "hosts.sh: $*" >&2; }
 now() { date +%s.%N; }
 
@@ -76,12 +78,12 @@ install_missing() {
     for b in "${NEEDED[@]}"; do command -v "$b" >/dev/null || missing+=("$b"); done
     getent passwd munge >/dev/null || missing+=(munge-user)
     [ ${#missing[@]} = 0 ] && return 0
-    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install ${PACKAGES[*]}"
+    command -v apt-get >/dev/null || cannot_install "missing ${missing[*]} and no apt-get to install ${PACKAGES[*]}"
     log "installing ${PACKAGES[*]} (missing: ${missing[*]})"
-    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 || cannot_install "apt-get update failed"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" >&2 \
-        || die "apt-get install ${PACKAGES[*]} failed"
-    for b in "${NEEDED[@]}"; do command -v "$b" >/dev/null || die "still missing $b after installing ${PACKAGES[*]}"; done
+        || cannot_install "apt-get install ${PACKAGES[*]} failed"
+    for b in "${NEEDED[@]}"; do command -v "$b" >/dev/null || cannot_install "still missing $b after installing ${PACKAGES[*]}"; done
 }
 
 # ------------------------------------------------------------------ state
