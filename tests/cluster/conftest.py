@@ -182,6 +182,12 @@ def _interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when this session dies, even by SIGKILL (Linux prctl)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _ensure_ip() -> None:
     """iproute2 for the monitor below, before hosts.sh (which would install it too) runs."""
     if shutil.which("ip") or os.path.exists("/usr/sbin/ip"):
@@ -201,7 +207,7 @@ def root_monitor():
     _ensure_ip()
     log = tempfile.NamedTemporaryFile(prefix="dpbp-ipmon-", suffix=".log", delete=False)
     mon = subprocess.Popen(["ip", "-o", "monitor", "address", "link"], stdout=log,
-                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     time.sleep(0.2)  # let it subscribe before anything happens
     try:
         yield lambda: (Path(log.name).read_text(errors="replace").splitlines(), mon.poll() is None)
