@@ -231,12 +231,14 @@ ctl_up() {
 }
 
 host_up() {
-    local k=$1 ns u init sd
+    local k=$1 ns u init sd PY
+    # the init needs a real interpreter (not a pyenv shim): the system one, else whatever python3 is
+    PY=$(command -v /usr/bin/python3 || python3 -c 'import sys; print(sys.executable)')
     ns=$(host_ns "$k")
     setsid nsenter --net="/run/netns/$ns" unshare --uts --mount --ipc --pid --fork --mount-proc --propagation private -- \
         /bin/sh -c "$UNPIN; hostname $ns && mount --bind $DIR/etc/hosts /etc/hosts \
                     && mount -t tmpfs -o size=2g,mode=1777 tmpfs /dev/shm \
-                    && exec /usr/bin/python3 $HERE/hostinit.py slurmd -D -f $CONF -N $ns" \
+                    && exec $PY $HERE/hostinit.py slurmd -D -f $CONF -N $ns" \
         >> "$DIR/log/host.$k.console" 2>&1 < /dev/null &
     u=$!; record "unshare.$k" "$u"
     init="" sd=""
@@ -246,7 +248,7 @@ host_up() {
             init=$(children "$u")
             if [ -n "$init" ]; then record "init.$k" "$init"; fi
         fi
-        if [ -n "$init" ] && [ "$(comm_of "$init")" = python3 ]; then sd=$(children "$init"); fi
+        if [ -n "$init" ] && [[ $(comm_of "$init") == python* ]]; then sd=$(children "$init"); fi
         if [ -n "$sd" ] && [ "$(comm_of "$sd")" = slurmd ]; then record "slurmd.$k" "$sd"; return 0; fi
         sleep 0.025
     done
@@ -345,4 +347,4 @@ case ${1:-} in
     link) shift; cmd_link "$@" ;;
     status) cmd_status ;;
     *) die "usage: hosts.sh up N | env | exec K CMD... | link K down|up | down | status" ;;
-esac
+esac; exit  # on the same line: bash has read the whole command before the file could change
