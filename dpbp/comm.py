@@ -8,6 +8,7 @@ Every method is collective except ``abort``; callers issue them in the same orde
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -44,13 +45,33 @@ class Collectives:
         self.agree(error)
         return result
 
+    def hosts(self, extra=None):
+        """Collective: where every rank runs, one dict per rank (in rank order) for the run's header.
+
+        Each holds the rank, its host name and IPv4 address, its local rank and the number of ranks on its
+        node (as MPI sees locality), the number of this rank's established TCP connections to other hosts'
+        addresses (read after an allgather that crossed hosts: evidence of the transport actually used),
+        and `extra` (e.g. this rank's BLAS threads). A second allgather shares the counts.
+        """
+        local_rank, local_size = self.local_rank_size()
+        me = {"host": socket.gethostname(), "address": host_address(), "local_rank": local_rank,
+              "local_size": local_size, **(extra or {})}
+        records = self.allgather(me)
+        others = {r["address"] for r in records if r["host"] != me["host"] and r["address"]}
+        tcp = self.allgather(tcp_connections_to(others) if others else 0)
+        return [{"rank": r, **rec, "tcp_to_other_hosts": tcp[r]} for r, rec in enumerate(records)]
+
+    def transport(self, records):
+        """The MPI transport between the hosts of `records` (from hosts()), in words; not collective."""
+        return transport(records, self.library_details)
+
 
 class SerialComm(Collectives):
     """A world of one rank: every reduction is the identity."""
 
     rank = 0
     size = 1
-    library = "serial (no MPI)"
+    library = library_details = "serial (no MPI)"
 
     def allreduce_sum_(self, buf):
         return buf
@@ -82,6 +103,9 @@ class SerialComm(Collectives):
     def failure_channel(self):
         return FailureChannel(None)
 
+    def local_rank_size(self):
+        return 0, 1
+
     def abort(self, code):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -103,6 +127,7 @@ class MPIComm(Collectives):
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.library = MPI.Get_library_version().strip().splitlines()[0]
+        self.library_details = MPI.Get_library_version().strip()
 
     def allreduce_sum_(self, buf):
         """buf <- sum over ranks of buf, in place (one MPI_Allreduce on the contiguous buffer)."""
@@ -141,6 +166,14 @@ class MPIComm(Collectives):
         """Collective (call once, at start): a private duplicate of the world for failing ranks."""
         return FailureChannel(self.comm.Dup() if self.size > 1 else None)
 
+    def local_rank_size(self):
+        """Collective: (rank among the ranks sharing this node's memory, their number), as MPI sees it."""
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        try:
+            return local.Get_rank(), local.Get_size()
+        finally:
+            local.Free()
+
     def abort(self, code):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -168,6 +201,87 @@ class FailureChannel:
                 return None
             time.sleep(0.002)  # poll gently: the rank we wait for may need this core
         return self.private.allgather(item)
+
+
+def host_address():
+    """This host's IPv4 address as other hosts see it: what its name resolves to unless that is a loopback
+    address (as on many single machines), else the first non-loopback interface's; None if it has none."""
+    try:
+        address = socket.gethostbyname(socket.gethostname())
+        if not address.startswith("127."):
+            return address
+    except OSError:
+        pass
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address, bytes 20-24 of the returned ifreq
+                ifreq = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            address = socket.inet_ntoa(ifreq[20:24])
+            if not address.startswith("127."):
+                return address
+    return None
+
+
+def tcp_connections_to(addresses):
+    """How many of this process's established TCP connections go to one of `addresses` (IPv4 strings).
+
+    Linux only (/proc/self/fd and /proc/self/net/tcp, tcp6 with IPv4-mapped addresses); 0 elsewhere.
+    """
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        wanted = {socket.inet_aton(a)[::-1].hex().upper() for a in addresses}  # /proc's little-endian hex
+        count = 0
+        for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    remote, state, inode = fields[2].split(":")[0], fields[3], fields[9]
+                    if state == "01" and inode in inodes and remote[-8:] in wanted:
+                        count += 1
+        return count
+    except OSError:
+        return 0
+
+
+def transport(records, library):
+    """The MPI transport between hosts, in words, from the library, its settings and `records` (hosts()).
+
+    MPICH's ch4 picks its network module (MPIR_CVAR_CH4_NETMOD, else the first one it was built with)
+    and that module its own transport (UCX_TLS, FI_PROVIDER; unset means the library chooses). Which
+    it chose is not exposed through mpi4py, so the TCP connections the ranks hold to other hosts are
+    reported too: none at all means the data went some other way (shared memory between "hosts" that
+    are one machine, or RDMA).
+    """
+    hosts = {r["host"] for r in records}
+    if len(hosts) == 1:
+        return "shared memory (1 host)"
+    words = []
+    if library.startswith("MPICH"):
+        built = next((line.split(":", 1)[1].split() for line in library.splitlines()
+                      if line.startswith("MPICH Device:")), [])
+        netmod = os.environ.get("MPIR_CVAR_CH4_NETMOD") or (built[0].split(":")[-1] if built else "?")
+        words.append(f"MPICH netmod {netmod}")
+        knob = {"ucx": "UCX_TLS", "ofi": "FI_PROVIDER"}.get(netmod)
+        if knob:
+            words.append(f"{knob}={os.environ.get(knob, 'auto')}")
+    with_tcp = sum(1 for r in records if r["tcp_to_other_hosts"] > 0)
+    if with_tcp:
+        words.append(f"TCP between hosts (connections to other hosts on {with_tcp} of {len(records)} ranks)")
+    else:
+        words.append("no TCP connection between hosts (shared memory or RDMA)")
+    return ", ".join(words)
 
 
 def launched_by_mpi() -> bool:

@@ -66,10 +66,13 @@ class Progress:
     # ------------------------------------------------------------ start
 
     def start(self, cfg, model, train_data, val_data, steps, start=0, resumed_from=None):
-        """Print the header, record it in header.jsonl, and open the bar on a terminal."""
+        """Print the header, record it in header.jsonl, and open the bar on a terminal.
+
+        Collective (every rank reports its host for the header), so every rank calls it."""
+        hosts = self.comm.hosts({"blas_threads": blas_threads()})
         if not self.active:
             return
-        info = header_info(cfg, self.comm, model, train_data, val_data, self.run_dir, steps)
+        info = header_info(cfg, self.comm, model, train_data, val_data, self.run_dir, steps, hosts)
         with open(os.path.join(self.run_dir, "header.jsonl"), "a" if self._resume else "w") as f:
             f.write(json.dumps({**info, "start_step": start, "resumed_from": resumed_from,
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
@@ -227,11 +230,16 @@ def format_eval(rec):
 # ---------------------------------------------------------------- the header
 
 
-def header_info(cfg, comm, model, train_data, val_data, run_dir, steps):
-    """What the header shows, as a dict (also written to header.jsonl for dpbp.report)."""
+def header_info(cfg, comm, model, train_data, val_data, run_dir, steps, hosts):
+    """What the header shows, as a dict (also written to header.jsonl for dpbp.report).
+
+    hosts: comm.hosts()'s record of every rank (host, address, local rank, BLAS threads).
+    """
     B, P = cfg["data.batch_size"], comm.size
     per_rank = rank_shares(B, P, cfg["comm.reduce"], cfg["comm.chunk"])
     return {"dpbp": __version__, "mpi": " ".join(comm.library.split()), "world_size": P, "blas": blas_info(),
+            "n_hosts": len({r["host"] for r in hosts}), "hosts": hosts,
+            "transport": comm.transport(hosts),
             "sizes": list(model.sizes), "n_params": int(model.n_params),
             "activation": f"{cfg['model.activation']}/{cfg['model.output']}", "dtype": cfg["model.dtype"],
             "loss": f"{cfg['loss.kind']} ({cfg['loss.reduction']}, l2 {cfg['loss.l2']})",
@@ -244,12 +252,38 @@ def header_info(cfg, comm, model, train_data, val_data, run_dir, steps):
 def header_lines(info):
     lo, hi = info["per_rank"]
     per_rank = f"{lo}" if lo == hi else f"{lo}-{hi}"
-    return [f"dpbp {info['dpbp']} | {info['mpi']} | world size {info['world_size']} | {info['blas']}",
+    n, h = info["world_size"], info["n_hosts"]
+    where = f"world size {n} ({n} rank{'s' if n != 1 else ''} on {h} host{'s' if h != 1 else ''})"
+    lines = [f"dpbp {info['dpbp']} | {info['mpi']} | {where} | {info['blas']}",
             f"model {'-'.join(map(str, info['sizes']))} {info['activation']} {info['dtype']}, "
             f"{info['n_params']} parameters | loss {info['loss']}",
             f"data {info['data']}: {info['n_train']} train, {info['n_val']} held out | global batch "
             f"{info['batch']}, per rank {per_rank} | reduce {info['reduce']}",
             f"{info['steps']} steps | output {info['out']}"]
+    if h > 1:
+        lines.append(f"hosts {host_summary(info['hosts'])} | between hosts: {info['transport']}")
+    return lines
+
+
+def host_summary(hosts):
+    """"h1 10.0.0.1 ranks 0-1, h2 10.0.0.2 ranks 2-3": each host (first seen first) and its ranks."""
+    by_host = {}
+    for r in hosts:
+        by_host.setdefault((r["host"], r["address"]), []).append(r["rank"])
+    return ", ".join(f"{name} {address} rank{'s' if len(ranks) > 1 else ''} {ranks_text(ranks)}"
+                     for (name, address), ranks in by_host.items())
+
+
+def ranks_text(ranks):
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            runs.append(f"{start}-{r}" if r > start else f"{r}")
+            start = None
+    return ",".join(runs)
 
 
 def rank_shares(batch, size, mode, chunk):
@@ -268,6 +302,15 @@ def numpy_blas_pool():
         return None
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
     return min(pools, key=lambda p: "numpy" not in p.get("filepath", ""), default=None)
+
+
+def blas_threads():
+    """This process's BLAS thread count (threadpoolctl's, else the environment's), None if unknown."""
+    pool = numpy_blas_pool()
+    if pool is not None:
+        return pool.get("num_threads")
+    value = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    return int(value) if value and value.isdigit() else None
 
 
 def blas_info():

@@ -12,10 +12,12 @@ the same rule for a whole node before it starts the ranks (threads_per_rank is t
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# How launchers tell a process how many ranks share its node: MPICH's Hydra and Intel MPI, Open MPI.
+# How launchers tell a process how many ranks share its node: MPICH's Hydra and Intel MPI, Open MPI
+# (and Slurm's srun, through SLURM_STEP_TASKS_PER_NODE: slurm_local_tasks).
 LOCAL_RANKS_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
@@ -54,12 +56,33 @@ def default_blas_threads(environ, usable_cores):
         return None
     local = next((environ[k] for k in LOCAL_RANKS_VARIABLES if environ.get(k)), None)
     try:
-        local = int(local) if local is not None else None
+        local = int(local) if local is not None else slurm_local_tasks(environ)
     except ValueError:
         return None
     if not local or local < 1:
         return None
     return threads_per_rank(usable_cores, local)
+
+
+def slurm_local_tasks(environ):
+    """Tasks of this Slurm step on this node (srun starts the ranks itself and sets no MPI_LOCALNRANKS).
+
+    SLURM_STEP_TASKS_PER_NODE lists the step's tasks per node in node order, runs compressed as
+    "2(x3),1"; SLURM_NODEID is this node's index in it. None outside a step. ValueError if malformed.
+    """
+    per_node, node = environ.get("SLURM_STEP_TASKS_PER_NODE"), environ.get("SLURM_NODEID")
+    if not per_node or node is None:
+        return None
+    counts = []
+    for part in per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
+        if m is None:
+            raise ValueError(f"SLURM_STEP_TASKS_PER_NODE {per_node} is not like 2(x3),1")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(node)
+    if not 0 <= node < len(counts):
+        raise ValueError(f"SLURM_NODEID {node} outside SLURM_STEP_TASKS_PER_NODE {per_node}")
+    return counts[node]
 
 
 def apply_default(environ=os.environ):

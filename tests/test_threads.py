@@ -26,7 +26,21 @@ def test_ranks_share_the_cores(local, usable, expected):
         assert default_blas_threads({var: local}, usable) == expected
 
 
+@pytest.mark.parametrize("per_node, node, usable, expected", [
+    ("2(x3),1", "0", 4, 2), ("2(x3),1", "2", 4, 2), ("2(x3),1", "3", 4, 4),  # 3 nodes with 2, then 1
+    ("3,1", "0", 2, 1), ("3,1", "1", 2, 2), ("4", "0", 8, 2),
+])
+def test_srun_steps_share_the_cores_of_each_node(per_node, node, usable, expected):
+    """srun starts the ranks itself: the node's share of the step's tasks comes from Slurm's variables."""
+    environ = {"SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_NODEID": node}
+    assert default_blas_threads(environ, usable) == expected
+    assert default_blas_threads({**environ, "MPI_LOCALNRANKS": "1"}, usable) == usable  # mpirun's wins
+
+
 @pytest.mark.parametrize("environ", [
+    {"SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "2"},  # no such node: leave it alone
+    {"SLURM_STEP_TASKS_PER_NODE": "2(x", "SLURM_NODEID": "0"},
+    {"SLURM_NODEID": "0"},  # the batch script, outside any step
     {},  # a single process, no launcher: the BLAS default (all cores)
     {"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "2"},  # the user chose
     {"MPI_LOCALNRANKS": "2", "OPENBLAS_NUM_THREADS": "3"},
