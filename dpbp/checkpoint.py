@@ -162,16 +162,24 @@ def load_params(path, names, shapes):
     expected = dict(zip(names, shapes))
     need = sum(math.prod(s) for s in shapes) * 8
     arrays, _ = load(path, expected, max_bytes=4 * need + (1 << 20))
+    return checked_params(arrays, names, shapes, path)
+
+
+def checked_params(arrays, names, shapes, where):
+    """{name: float64 array} from {name: array} (a file's, or a caller's in memory), checked by name,
+    shape, dtype and value; `where` names them in messages."""
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise UserError(f"{path}: no array named {missing[0]!r} (expected {', '.join(names)})")
+        raise UserError(f"{where}: no array named {missing[0]!r} (expected {', '.join(names)})")
     params = {}
-    for name in names:
-        a = arrays[name]
+    for name, shape in zip(names, shapes):
+        a = np.asarray(arrays[name])
+        if a.shape != tuple(shape):
+            raise UserError(f"{where}: {name} has shape {a.shape}, the model needs {tuple(shape)}")
         if a.dtype.kind not in "fiu":
-            raise UserError(f"{path}: {name} has dtype {a.dtype}, expected floating point numbers")
+            raise UserError(f"{where}: {name} has dtype {a.dtype}, expected floating point numbers")
         if not np.isfinite(a).all():
-            raise UserError(f"{path}: {name} holds NaN or inf")
+            raise UserError(f"{where}: {name} holds NaN or inf")
         params[name] = a.astype(np.float64)
     return params
 

@@ -281,26 +281,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> dict[str, Any]:
-    """Defaults, then the TOML file, then each ``--set``; validated as a whole."""
+def load_config(source: str | dict | None = None, overrides: list[str] | tuple = ()) -> dict[str, Any]:
+    """Defaults, then the TOML file (or a dict of keys, nested {"optim": {"lr": 0.1}} or flat
+    {"optim.lr": 0.1}, as dpbp.fit takes it), then each ``--set``; validated as a whole."""
     cfg = defaults()
-    if path:
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except FileNotFoundError:
-            raise UserError(f"config file {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise UserError(f"config file {path!r} is a directory") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path!r} is not valid TOML: {e}") from None
-        for key, value in _flatten(table).items():
-            cfg[key] = validate_value(key, value, f"config {path!r}")
+    if isinstance(source, dict):
+        table, origin = source, "config"
+    else:
+        table, origin = (_read_toml(source) if source else {}), f"config {source!r}"
+    for key, value in _flatten(table).items():
+        cfg[key] = validate_value(key, value, origin)
     for text in overrides:
         key, value = parse_override(text)
         cfg[key] = validate_value(key, value, "--set")
     check_consistency(cfg)
     return cfg
+
+
+def _read_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path!r} is a directory") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path!r} is not valid TOML: {e}") from None
 
 
 def check_consistency(cfg: dict[str, Any]) -> None:

@@ -34,10 +34,11 @@ _LAUNCHERS = ("hydra_pmi_prox", "mpiexec", "mpirun", "orted", "prted", "prterun"
 
 
 class Progress:
-    def __init__(self, comm, run_dir, quiet=False, verbose=False, resume=False):
+    def __init__(self, comm, run_dir, quiet=False, verbose=False, resume=False, silent=False):
         self.comm, self.run_dir = comm, run_dir
         self.active = comm.rank == 0
-        self.quiet, self.verbose = quiet, verbose
+        self.quiet, self.verbose = quiet or silent, verbose
+        self.silent = silent  # not even the summary: dpbp.fit's quiet (warnings still go to stderr)
         self.metrics = None
         self.bar = None
         self.last_train = self.last_val = None  # the newest records, for the bar and the summary
@@ -50,7 +51,7 @@ class Progress:
     # ------------------------------------------------------------ plain output
 
     def say(self, text, always=False):
-        if self.active and (always or not self.quiet):
+        if self.active and ((always and not self.silent) or not self.quiet):
             self._write(text, sys.stdout)
 
     def warn(self, text):

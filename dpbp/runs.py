@@ -43,7 +43,8 @@ def choose_run_dir(args, comm):
                 error = (f"--out {run_dir!r} already holds a run; continue it with --resume {run_dir} "
                          f"or choose another directory")
         else:
-            stem = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
+            named = isinstance(args.config, str) and args.config
+            stem = os.path.splitext(os.path.basename(args.config))[0] if named else "default"
             base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir, k = base, 1
             while os.path.exists(run_dir):
@@ -77,11 +78,14 @@ def init_kind(cfg):
     return "seed_example" if seed_example else "uniform"
 
 
-def starting_params(cfg, init_path=None):
-    """{name: float64 array}: the --init (or --params) file's, else model.init's."""
-    if init_path:
-        return ckpt.load_params(init_path, param_names(len(cfg["model.sizes"]) - 1),
-                                param_shapes(cfg["model.sizes"]))
+def starting_params(cfg, init=None):
+    """{name: float64 array}: the --init (or --params) file's, or a dict of arrays (dpbp.fit's init),
+    else model.init's."""
+    names, shapes = param_names(len(cfg["model.sizes"]) - 1), param_shapes(cfg["model.sizes"])
+    if isinstance(init, dict):
+        return ckpt.checked_params(init, names, shapes, "init")
+    if init:
+        return ckpt.load_params(init, names, shapes)
     return initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"], init_kind(cfg))
 
 

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
@@ -42,6 +42,22 @@ def build_parser():
 
 
 @dataclass
+class Request:
+    """What to train: the command line's options, or dpbp.fit's arguments (the same names)."""
+
+    config: str | dict | None = None  # a TOML file or a dict of keys
+    set: list = field(default_factory=list)  # KEY=VALUE overrides
+    out: str | None = None
+    init: str | dict | None = None  # a parameters file or {name: array}
+    resume: str | None = None
+    force: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    arrays: tuple | None = None  # (x, y, (x_val, y_val) or None) in memory instead of the config's data
+    silent: bool = False  # not even the summary (dpbp.fit's quiet)
+
+
+@dataclass
 class Job:
     """One training run as set up on this rank."""
 
@@ -57,6 +73,7 @@ class Job:
     val_rec: dict | None = None  # the newest held-out evaluation
     step: int = 0  # the step reached
     stopped_early: bool = False
+    status: int = 0  # the exit status: 0, or EXIT_PREEMPTED
 
 
 def total_steps(cfg, n_train):
@@ -86,7 +103,8 @@ def setup(args, comm):
     """Everything before the first step; every failure here is the same on every rank."""
     check_world_size(comm)
     cfg = run_config(args)
-    train_data, val_data = load_data(cfg, comm)  # collective: ranks agree on bad data, scan it in shares
+    # collective: ranks agree on bad data, scan it in shares
+    train_data, val_data = load_data(cfg, comm, arrays=args.arrays)
     if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
         cfg["data.classes"] = list(train_data.classes)
     if len(train_data) < comm.size and cfg["data.path"]:
@@ -104,7 +122,8 @@ def setup(args, comm):
         if args.resume:
             runs.trim_metrics(run_dir, start)
         runs.write_config(run_dir, cfg)
-    progress = Progress(comm, run_dir, quiet=args.quiet, verbose=args.verbose, resume=resumed_from is not None)
+    progress = Progress(comm, run_dir, quiet=args.quiet or args.silent, verbose=args.verbose,
+                        resume=resumed_from is not None, silent=args.silent)
     mismatch = replica_mismatch(comm, trainer.model.params)
     if mismatch:
         raise TrainingFault(f"ranks start from different parameters: {mismatch}")
@@ -203,20 +222,27 @@ def finish(job, wall):
     job.progress.summary(step - job.start, step, wall, job.val_rec, final)
 
 
-def main(argv, comm):
-    args = parse_args(build_parser(), argv, comm)
+def train(request, comm):
+    """Train as the request says (collective); returns the Job, its status 0 or EXIT_PREEMPTED."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
     faults = FaultInjector.from_env(comm.rank)
-    job = setup(args, comm)
+    job = setup(request, comm)
     t0 = time.perf_counter()
     try:
         status = train_loop(job, stop, faults)
     finally:
         job.progress.close()
     if status is not None:
-        return status
+        job.status = status
+        return job
     finish(job, time.perf_counter() - t0)
-    return 0
+    return job
+
+
+def main(argv, comm):
+    """The command: its options are a Request (dpbp.fit builds the same from its arguments)."""
+    args = parse_args(build_parser(), argv, comm)
+    return train(Request(**vars(args)), comm).status
 
 
 def eval_record(job, step, epoch):

@@ -253,8 +253,25 @@ def _listed(names, most=10):
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
-def open_sets(cfg, need_targets=True):
-    """[train, held-out or None] with headers checked; the held-out set only from data.val_path."""
+def array_sets(cfg, arrays):
+    """[train, held-out or None] from arrays in memory: (x, y, (x_val, y_val) or None), headers checked."""
+    n_in, n_out = cfg["model.sizes"][0], cfg["model.sizes"][-1]
+    x, y, val = arrays
+    train = make_dataset(np.asarray(x), np.asarray(y), n_in, n_out, "the arrays x, y")
+    train = replace(train, classes=cfg["data.classes"] or None)
+    if val is None:
+        return [train, None]
+    if not (isinstance(val, (tuple, list)) and len(val) == 2):
+        raise UserError("val must be a pair (x_val, y_val)")
+    held = make_dataset(np.asarray(val[0]), np.asarray(val[1]), n_in, n_out, "the held-out arrays val")
+    return [train, replace(held, classes=train.classes)]
+
+
+def open_sets(cfg, need_targets=True, arrays=None):
+    """[train, held-out or None] with headers checked; the held-out set only from data.val_path (or
+    arrays, when the data are in memory: see array_sets)."""
+    if arrays is not None:
+        return array_sets(cfg, arrays)
     n_in, n_out = cfg["model.sizes"][0], cfg["model.sizes"][-1]
     for key, needs in (("data.targets", "data.path"), ("data.val_targets", "data.val_path")):
         if cfg[key] and not cfg[needs]:
@@ -286,16 +303,18 @@ def val_fraction(cfg):
     return 0.0 if cfg["data.path"] else VAL_FRACTION[cfg["data.name"]]
 
 
-def load_data(cfg, comm=None, need_targets=True, standardize=None):
+def load_data(cfg, comm=None, need_targets=True, standardize=None, arrays=None):
     """(train, held-out or None) for the config, every value checked; collective when comm is given.
 
     The held-out set is data.val_path if set, else a ``val_fraction`` share of the training file (see
     ``split``). need_targets=False: inputs only (for predict), no split. data.standardize: the inputs
     of both are standardized with `standardize` (a run's saved statistics) or, when it is None, with
     the statistics of the training rows, computed by the ranks together.
-    ``train.warnings``: for rank 0 to print once.
+    ``train.warnings``: for rank 0 to print once. arrays: (x, y, (x_val, y_val) or None) in memory
+    instead of the config's data (every rank passes the same).
     """
-    sets = open_sets(cfg, need_targets) if comm is None else comm.agreed(open_sets, cfg, need_targets)
+    sets = open_sets(cfg, need_targets, arrays) if comm is None else comm.agreed(open_sets, cfg, need_targets,
+                                                                                 arrays)
     unit = cfg["model.output"] == "sigmoid" and cfg["loss.kind"] == "cross_entropy"
     warnings = check_values([d for d in sets if d is not None], comm, unit and need_targets)
     train, val = sets
@@ -305,7 +324,8 @@ def load_data(cfg, comm=None, need_targets=True, standardize=None):
             raise UserError(f"{train.targets_source}: the ranks found different class names (did the file "
                             f"change while it was read?)")
     if val is None and need_targets:
-        train, val = split(train, val_fraction(cfg), cfg["seed"], cfg["data.shuffle"])
+        fraction = val_fraction(cfg) if arrays is None else max(cfg["data.val_fraction"], 0.0)  # arrays: as a file
+        train, val = split(train, fraction, cfg["seed"], cfg["data.shuffle"])
     if cfg["data.standardize"]:
         if standardize is None:
             standardize = stats.compute(train.x, comm)
