@@ -271,6 +271,8 @@ def build_parser():
     p.add_argument("--bucket-mb", type=float, default=4.0,
                    help="under mpirun, also time comm.bucket_mb=this overlap (0: skip; default 4)")
     p.add_argument("--no-reproducible", action="store_true", help="skip the comm.reduce='reproducible' row")
+    p.add_argument("--features", action="store_true",
+                   help="large spec: also Adam, AdamW, dropout 0.1, micro-batch 64 and (under mpirun) optim.shard rows")
     p.add_argument("--vs-torch", action="store_true", help="add PyTorch rows if torch is importable")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     return p
@@ -319,6 +321,8 @@ def build_rows(args, comm, torch):
             chunk = cfg["comm.chunk"]
             variants.append((f"dpbp, reproducible, chunk {chunk}", ["comm.reduce='reproducible'"]))
             variants.append(("dpbp, reproducible, chunk 128", ["comm.reduce='reproducible'", "comm.chunk=128"]))
+        if name == LARGE and args.features:
+            variants += feature_variants(comm)
         for threads in thread_counts(args, comm):
             for variant, sets in variants:
                 row = DpbpRow(name, make_cfg(sets), comm, threads, variant, steps, data)
@@ -332,6 +336,16 @@ def build_rows(args, comm, torch):
         if comm.size > 1:
             rows.append(SoloRow(name, cfg, comm, cores, steps, data))
     return rows
+
+
+def feature_variants(comm):
+    """The trainer features on the large spec (its "dpbp" row is SGD with momentum 0.9)."""
+    adam = ["optim.kind='adam'", "optim.lr=0.001"]
+    out = [("dpbp, adam", adam), ("dpbp, adamw", ["optim.kind='adamw'", "optim.lr=0.001"]),
+           ("dpbp, dropout 0.1", ["model.dropout=0.1"]), ("dpbp, micro-batch 64", ["data.micro_batch=64"])]
+    if comm.size > 1:
+        out += [("dpbp, sgd+momentum, shard", ["optim.shard=true"]), ("dpbp, adam, shard", adam + ["optim.shard=true"])]
+    return out
 
 
 def import_torch(comm):

@@ -82,6 +82,12 @@ class SerialComm(Collectives):
     def iallreduce_sum_(self, buf):
         return _DoneRequest()
 
+    def reduce_scatter_sum_(self, buf, counts):
+        return buf
+
+    def allgather_(self, buf, counts):
+        return buf
+
     def test_all(self, requests):
         return True
 
@@ -136,6 +142,21 @@ class MPIComm(Collectives):
 
     def allreduce_max_(self, buf):
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX)
+        return buf
+
+    def reduce_scatter_sum_(self, buf, counts):
+        """buf (sum(counts),): rank r's slice (counts[r] entries, slices in rank order) <- its sum over ranks,
+        in place (one MPI_Reduce_scatter, MPI_IN_PLACE); the rest of buf is left undefined."""
+        self.comm.Reduce_scatter(self.MPI.IN_PLACE, buf, recvcounts=list(counts), op=self.MPI.SUM)
+        lo, n = sum(counts[:self.rank]), counts[self.rank]
+        if lo and n:  # MPI leaves this rank's result at the start of buf
+            buf[lo:lo + n] = buf[:n]  # NumPy copies overlapping slices through a temporary
+        return buf
+
+    def allgather_(self, buf, counts):
+        """buf (sum(counts),): every rank's slice (counts[r] entries, in rank order) copied to all ranks, in
+        place (one MPI_Allgatherv, MPI_IN_PLACE)."""
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [buf, list(counts)])
         return buf
 
     def iallreduce_sum_(self, buf):

@@ -312,6 +312,19 @@ def grad_norm(grad, scratch=None):
     return math.sqrt(total)
 
 
+def block_square_sums(grad, out, scratch):
+    """out[j] <- the float64 sum of squares of grad's block j (BLOCK values, the last shorter), formed
+    as grad_norm forms them (with a scratch of BLOCK or more values): grad_norm(g) is sqrt of these
+    sums added in block order, so a ZeRO-1 shard of whole blocks contributes bitwise its part."""
+    k = BLOCK
+    for j, a in enumerate(range(0, grad.size, k)):
+        s = scratch[:min(k, grad.size - a)]
+        gb = grad[a:a + k]
+        np.multiply(gb, gb, out=s, dtype=np.float64)
+        out[j] = float(np.add.reduce(s))
+    return out
+
+
 def clip_by_norm(grad, max_norm, scratch=None):
     """torch.nn.utils.clip_grad_norm_ over the whole flat gradient, in place; returns ||g||_2 before.
 

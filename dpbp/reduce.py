@@ -111,6 +111,11 @@ class Reducer(Protocol):
 
     def allreduce(self) -> Piece: ...
 
+    def reduce_scatter(self, counts: list[int]) -> Piece:
+        """Like allreduce, but only this rank's slice of the gradient (counts[r] entries for rank r, slices
+        in rank order over [0, n_grad)) and the statistics hold the global sums afterwards (optim.shard)."""
+        ...
+
 
 class FastReducer:
     """One piece per rank, then the float buffer summed over ranks by MPI, in place.
@@ -192,6 +197,16 @@ class FastReducer:
         self._requests = []
         return self.result
 
+    def reduce_scatter(self, counts):
+        """The gradient reduce-scattered, the statistics allreduced (a few values). No buckets: the
+        trainer builds a sharded reducer without them."""
+        if self.buckets:
+            raise ValueError("reduce_scatter needs a FastReducer built without buckets")
+        n = self.layout.n_grad
+        self.comm.reduce_scatter_sum_(self.buf[:n], counts)
+        self.comm.allreduce_sum_(self.result.stats)
+        return self.result
+
 
 class ReproducibleReducer:
     """Exact integer sums of fixed chunk gradients (see the module doc); bitwise independent of P."""
@@ -251,7 +266,8 @@ class ReproducibleReducer:
             np.maximum(self._max, np.maximum(largest, -smallest), out=self._max)  # NaN stays NaN
         self._take_exact(g)
 
-    def allreduce(self):
+    def _accumulate(self):
+        """This rank's integer sums (in self._acc, viewed as signed in the returned q) and the grid units."""
         self._take_exact(self.buf)  # what the caller wrote after the last piece (the stop flag), once per rank
         m = self.comm.allreduce_max_(np.nan_to_num(self._max, nan=math.inf))  # MPI's MAX may drop NaN
         units = [self._unit_exponent(mt) for mt in m]
@@ -271,8 +287,22 @@ class ReproducibleReducer:
             acc[:] = 0
         q = acc.view(self._int)
         q[self._exact] = self._exact_sum
-        self.comm.allreduce_sum_(acc)
+        return q, units
+
+    def allreduce(self):
+        q, units = self._accumulate()
+        self.comm.allreduce_sum_(self._acc)
         self._from_grid(q, units)
+        return self.result
+
+    def reduce_scatter(self, counts):
+        """The integer accumulator reduce-scattered (exact: the same Q as allreduce) and its statistics
+        allreduced; only this rank's gradient slice is converted back."""
+        q, units = self._accumulate()
+        n, lo = self.layout.n_grad, sum(counts[:self.comm.rank])
+        self.comm.reduce_scatter_sum_(self._acc[:n], counts)
+        self.comm.allreduce_sum_(self._acc[n:])
+        self._from_grid(q, units, (lo, lo + counts[self.comm.rank]))
         return self.result
 
     def _to_grid(self, g, magic):
@@ -281,10 +311,15 @@ class ReproducibleReducer:
             if M is not None:
                 np.add(g[lo:hi], M, out=g[lo:hi])
 
-    def _from_grid(self, q, units):
-        """buf <- Q u per group (NaN where the grid is undefined); the exact entries as they are."""
-        buf = self.buf
+    def _from_grid(self, q, units, keep=None):
+        """buf <- Q u per group (NaN where the grid is undefined); the exact entries as they are.
+        keep: (lo, hi), convert only that part of the gradient (the statistics always)."""
+        buf, n = self.buf, self.layout.n_grad
         for (lo, hi), e in zip(self.groups, units):
+            if keep is not None and lo < n:
+                lo, hi = max(lo, keep[0]), min(hi, keep[1])
+                if lo >= hi:
+                    continue
             if e is None:
                 buf[lo:hi] = np.nan
             else:  # Q rounded to the dtype, once, then times u: exact (a power of two) unless subnormal.

@@ -167,13 +167,14 @@ def save_checkpoint(comm, trainer, run_dir, step, best=None):
     """Rank 0: parameters, optimizer state, counters and early stopping's state (a Best), atomically; the
     random state is (seed, epoch, position) because the sampler and the dropout masks are pure functions
     of them and of the seed."""
+    state = trainer.optimizer_state()  # collective when optim.shard: the slices gathered in rank order
     if comm.rank != 0:
         return
     cfg, n = trainer.cfg, len(trainer.data)
     epoch, position = epoch_position(n, cfg["data.batch_size"], step, cfg["data.drop_last"])
     arrays = {**params_dict(trainer.model), **standardize_arrays(trainer.data)}
-    for name, value in trainer.opt.state().items():
-        arrays[f"optim.{name}"] = value.copy()
+    for name, value in state.items():
+        arrays[f"optim.{name}"] = value
     meta = {"step": step, "epoch": epoch, "position_in_epoch": position,
             "rng": {"sampler": "permutation of the epoch from default_rng([seed, epoch])", "seed": cfg["seed"],
                     "epoch_order_crc32": sampler_check(cfg, n, epoch)},
@@ -203,7 +204,7 @@ def resume(run_dir, force, comm, trainer):
         return 0, None, Best()
     arrays, meta, path = found
     trainer.model.load({k: arrays[k] for k in trainer.model.names})
-    trainer.opt.load_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
+    trainer.load_optimizer_state({k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")})
     return meta["step"], path, Best.from_meta(meta.get("best"))
 
 
@@ -253,13 +254,13 @@ def _shape_problem(arrays, path, model):
 
 def _state_problem(arrays, path, force, trainer):
     """None if the checkpoint holds the optimizer's state (filled in with zeros under --force)."""
-    for name, value in trainer.opt.state().items():
+    for name, shape in trainer.optimizer_shapes().items():
         key = f"optim.{name}"
-        if arrays.get(key, np.empty((0, 0))).shape != value.shape:
+        if arrays.get(key, np.empty((0, 0))).shape != shape:
             if not force:
                 what = "momentum" if name == "velocity" else f"the {trainer.cfg['optim.kind']} state"
                 return f"{path}: holds no {what} for this model ({key}); pass --force to start it at zero"
-            arrays[key] = np.zeros_like(value)
+            arrays[key] = np.zeros(shape, trainer.model.dtype)
     return None
 
 

@@ -21,7 +21,9 @@ import numpy as np
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, finish_gradient, l2_penalty
 from dpbp.model import MLP, Dropout, count_params
-from dpbp.optim import BLOCK, clip_by_norm, lr_at, make_optimizer, weight_slices_of
+from dpbp.optim import (BLOCK, CLIP_EPS, block_square_sums, clip_by_norm, lr_at, make_optimizer, shard_slices,
+                        weight_slices_of)
+from dpbp.partition import chunk_pieces
 from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
 
 
@@ -47,10 +49,16 @@ class Trainer:
         self.total_steps = total_steps or cfg["train.steps"] or None  # T of the cosine schedule
         self.model = model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"],
                                  cfg["loss.kind"], cfg["model.dtype"])
-        bucket_bytes = cfg["comm.bucket_mb"] * 2**20
+        # optim.shard (ZeRO-1): rank r updates and keeps the state of params[lo:hi], whole BLOCKs.
+        self.shard = bool(cfg["optim.shard"]) and comm.size > 1
+        n = model.n_params
+        self.counts = [sum(b - a for a, b in chunk_pieces(n, BLOCK, r, comm.size)) for r in range(comm.size)]
+        lo = sum(self.counts[:comm.rank])
+        self.bounds = (lo, lo + self.counts[comm.rank]) if self.shard else (0, n)
+        bucket_bytes = 0 if self.shard else cfg["comm.bucket_mb"] * 2**20
         self.reducer = make_reducer(cfg["comm.reduce"], comm, Layout(model.shapes), model.dtype,
                                     cfg["comm.chunk"], bucket_bytes)
-        self.opt = build_optimizer(cfg, model.params, model.shapes)
+        self.opt = build_optimizer(cfg, model.params, model.shapes, self.bounds)
         self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
         self.input_hook: Callable[[np.ndarray], None] | None = None
         self._micro = None  # a gradient buffer for micro-batches after a piece's first
@@ -103,15 +111,48 @@ class Trainer:
             reducer.add_piece(piece)
         reducer.result.stats[STOP] = stop
         t0 = time.perf_counter()
-        result = reducer.allreduce()
+        result = reducer.reduce_scatter(self.counts) if self.shard else reducer.allreduce()
         self.comm_s += time.perf_counter() - t0
         l2 = self.cfg["loss.l2"]
-        if l2:
+        if l2 and self.shard:
+            self._add_l2_to_shard(result.grads.flat, l2)
+        elif l2:
             grads = result.grads
             finish_gradient(grads.nabla_w, grads.nabla_b, model.weights, l2, 1, self._l2_scratch)
-        if self._clip_scratch is not None:  # the reduced gradient: the same norm, bit for bit, on every rank
+        if self._clip_scratch is not None and self.shard:
+            self._clip_shard(result.grads.flat, self.cfg["optim.clip_norm"])
+        elif self._clip_scratch is not None:  # the reduced gradient: the same norm, bit for bit, on every rank
             clip_by_norm(result.grads.flat, self.cfg["optim.clip_norm"], self._clip_scratch)
         return result.stats.astype(np.float64)
+
+    def _add_l2_to_shard(self, g, l2):
+        """g[lo:hi] += lambda W on the weights inside this rank's shard: finish_gradient's operations
+        (W * lambda, then the add), element by element, so the same bits."""
+        lo, hi = self.bounds
+        params = self.model.params
+        for a, b in weight_slices_of(self.model.shapes):
+            a, b = max(a, lo), min(b, hi)
+            if a < b:
+                l2_w = self._l2_scratch[:b - a]
+                np.multiply(params[a:b], l2, out=l2_w)
+                g[a:b] += l2_w
+
+    def _clip_shard(self, g, max_norm):
+        """clip_by_norm with the norm of the WHOLE gradient: each rank's block sums of squares (its shard is
+        whole BLOCKs), allgathered, added in block order as grad_norm adds them; then its slice scaled."""
+        lo, hi = self.bounds
+        sums = np.zeros(-(-self.model.n_params // BLOCK))
+        blocks = [-(-c // BLOCK) for c in self.counts]
+        first = sum(blocks[:self.comm.rank])
+        block_square_sums(g[lo:hi], sums[first:first + blocks[self.comm.rank]], self._clip_scratch)
+        self.comm.allgather_(sums, blocks)
+        total = 0.0
+        for s in sums.tolist():
+            total += s
+        norm = math.sqrt(total)
+        coef = max_norm / (norm + CLIP_EPS)
+        if math.isfinite(norm) and coef < 1.0:
+            g[lo:hi] *= coef
 
     def _piece(self, rows, first, grads, scale):
         """Forward/backward over rows (at global-batch positions first, first + 1, ...) into grads,
@@ -152,30 +193,59 @@ class Trainer:
         penalty = l2_penalty(self.model.weights, self.cfg["loss.l2"])  # of the weights the loss is taken at
         stats = self.gradient(idx, stop)
         lr = self.lr(t)
-        self.opt.step(self.grad, lr)
+        lo, hi = self.bounds
+        self.opt.step(self.grad[lo:hi], lr)
+        if self.shard:  # every rank's updated slice to every rank: the same parameters everywhere
+            self.comm.allgather_(self.model.params, self.counts)
         loss = stats[LOSS] / batch_divisor(self.cfg["loss.reduction"], len(idx)) + penalty
         return StepStats(loss, stats[CORRECT], stats[STOP], len(idx), lr)
 
+    def optimizer_state(self):
+        """Collective when sharded: {name: array} of the WHOLE optimizer state (copies), each rank's
+        slice gathered in rank order, so a checkpoint resumes on any number of ranks, sharded or not."""
+        out = {}
+        for name, value in self.opt.state().items():
+            if self.shard and value.ndim == 1:
+                full = np.zeros(self.model.n_params, value.dtype)
+                full[self.bounds[0]:self.bounds[1]] = value
+                out[name] = self.comm.allgather_(full, self.counts)
+            else:
+                out[name] = value.copy()
+        return out
+
+    def optimizer_shapes(self):
+        """{name: shape} of optimizer_state() (the whole buffer's, sharded or not)."""
+        n = self.model.n_params
+        return {k: (n,) if v.ndim == 1 else v.shape for k, v in self.opt.state().items()}
+
+    def load_optimizer_state(self, state):
+        """Continue from a whole optimizer state (optimizer_state()'s names and shapes): this rank's slice."""
+        lo, hi = self.bounds
+        self.opt.load_state({k: v[lo:hi] if np.ndim(v) == 1 else v for k, v in state.items()})
+
     def first_nonfinite(self):
-        """The name of the first reduced gradient tensor holding NaN or inf, or None."""
-        for name, g in self.model.tensors(self.grad).items():
+        """The name of the first reduced gradient tensor holding NaN or inf, or None. Sharded: of the
+        parameters (the same on every rank after the allgather; a non-finite gradient entry makes its
+        parameter non-finite in every optimizer), since no rank holds the whole reduced gradient."""
+        for name, g in self.model.tensors(self.model.params if self.shard else self.grad).items():
             if not np.isfinite(g).all():
                 return name
         return None
 
     def gradient_finite(self):
         """Cheap test first (one BLAS dot, no temporary); the exact test only if it overflows."""
-        g = self.grad
+        g = self.model.params if self.shard else self.grad
         return math.isfinite(float(np.dot(g, g))) or bool(np.isfinite(g).all())
 
 
-def build_optimizer(cfg, params, shapes):
-    """The configured optimizer over params (the flat buffer, or a rank's slice of it)."""
+def build_optimizer(cfg, params, shapes, bounds=None):
+    """The configured optimizer over params[lo:hi] (bounds; default the whole flat buffer)."""
     kind = cfg["optim.kind"]
-    return make_optimizer(kind, params, cfg["optim.lr"], momentum=cfg["optim.momentum"] if kind == "sgd" else 0.0,
+    lo, hi = bounds or (0, params.size)
+    return make_optimizer(kind, params[lo:hi], cfg["optim.lr"], momentum=cfg["optim.momentum"] if kind == "sgd" else 0.0,
                           nesterov=cfg["optim.nesterov"], betas=tuple(cfg["optim.betas"]), eps=cfg["optim.eps"],
                           weight_decay=cfg["optim.weight_decay"] if kind == "adamw" else 0.0,
-                          weight_slices=weight_slices_of(shapes))
+                          weight_slices=shard_slices(weight_slices_of(shapes), lo, hi))
 
 
 def check_memory(cfg, n_train, size):
