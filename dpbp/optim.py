@@ -303,26 +303,34 @@ def grad_norm(grad, scratch=None):
     if scratch is None:
         scratch = np.empty(min(BLOCK, max(n, 1)), np.float64)
     k = min(scratch.size, BLOCK)
-    total = 0.0
-    for a in range(0, n, k):
-        s = scratch[:min(k, n - a)]
-        gb = grad[a:a + k]
-        np.multiply(gb, gb, out=s, dtype=np.float64)
-        total += float(np.add.reduce(s))
-    return math.sqrt(total)
+    return norm_of_block_sums(block_square_sums(grad, np.empty(-(-n // k)), scratch, k))
 
 
-def block_square_sums(grad, out, scratch):
-    """out[j] <- the float64 sum of squares of grad's block j (BLOCK values, the last shorter), formed
-    as grad_norm forms them (with a scratch of BLOCK or more values): grad_norm(g) is sqrt of these
-    sums added in block order, so a ZeRO-1 shard of whole blocks contributes bitwise its part."""
-    k = BLOCK
+def block_square_sums(grad, out, scratch, k=BLOCK):
+    """out[j] <- the float64 sum of squares of grad's block j (k values, the last shorter; scratch holds
+    k or more values). grad_norm(g) is the square root of these sums added in block order, so a ZeRO-1
+    shard of whole blocks contributes bitwise its part."""
     for j, a in enumerate(range(0, grad.size, k)):
         s = scratch[:min(k, grad.size - a)]
         gb = grad[a:a + k]
         np.multiply(gb, gb, out=s, dtype=np.float64)
         out[j] = float(np.add.reduce(s))
     return out
+
+
+def norm_of_block_sums(sums):
+    """||g||_2 from block_square_sums, added in block order (the order fixes the bits)."""
+    total = 0.0
+    for s in sums.tolist():
+        total += s
+    return math.sqrt(total)
+
+
+def scale_to_max_norm(grad, max_norm, norm):
+    """grad <- grad min(1, c / (norm + 1e-6)) in place, given its norm; a non-finite norm leaves it alone."""
+    coef = max_norm / (norm + CLIP_EPS)
+    if math.isfinite(norm) and coef < 1.0:
+        grad *= coef
 
 
 def clip_by_norm(grad, max_norm, scratch=None):
@@ -334,7 +342,5 @@ def clip_by_norm(grad, max_norm, scratch=None):
     if not max_norm > 0.0:
         raise ValueError(f"max_norm must be > 0, not {max_norm}")
     norm = grad_norm(grad, scratch)
-    coef = max_norm / (norm + CLIP_EPS)
-    if math.isfinite(norm) and coef < 1.0:
-        grad *= coef
+    scale_to_max_norm(grad, max_norm, norm)
     return norm

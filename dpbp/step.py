@@ -21,9 +21,9 @@ import numpy as np
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, finish_gradient, l2_penalty
 from dpbp.model import MLP, Dropout, count_params
-from dpbp.optim import (BLOCK, CLIP_EPS, block_square_sums, clip_by_norm, lr_at, make_optimizer, shard_slices,
-                        weight_slices_of)
-from dpbp.partition import chunk_pieces
+from dpbp.optim import (BLOCK, block_square_sums, clip_by_norm, lr_at, make_optimizer, norm_of_block_sums,
+                        scale_to_max_norm, shard_slices, weight_slices_of)
+from dpbp.partition import shares
 from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
 
 
@@ -52,7 +52,7 @@ class Trainer:
         # optim.shard (ZeRO-1): rank r updates and keeps the state of params[lo:hi], whole BLOCKs.
         self.shard = bool(cfg["optim.shard"]) and comm.size > 1
         n = model.n_params
-        self.counts = [sum(b - a for a, b in chunk_pieces(n, BLOCK, r, comm.size)) for r in range(comm.size)]
+        self.counts = shares(n, comm.size, BLOCK)  # every rank's slice: whole BLOCKs
         lo = sum(self.counts[:comm.rank])
         self.bounds = (lo, lo + self.counts[comm.rank]) if self.shard else (0, n)
         bucket_bytes = 0 if self.shard else cfg["comm.bucket_mb"] * 2**20
@@ -146,13 +146,7 @@ class Trainer:
         first = sum(blocks[:self.comm.rank])
         block_square_sums(g[lo:hi], sums[first:first + blocks[self.comm.rank]], self._clip_scratch)
         self.comm.allgather_(sums, blocks)
-        total = 0.0
-        for s in sums.tolist():
-            total += s
-        norm = math.sqrt(total)
-        coef = max_norm / (norm + CLIP_EPS)
-        if math.isfinite(norm) and coef < 1.0:
-            g[lo:hi] *= coef
+        scale_to_max_norm(g[lo:hi], max_norm, norm_of_block_sums(sums))
 
     def _piece(self, rows, first, grads, scale):
         """Forward/backward over rows (at global-batch positions first, first + 1, ...) into grads,
