@@ -22,8 +22,7 @@ from dpbp.comm import get_comm
 from dpbp.config import load_config
 from dpbp.data import standardize as stats
 from dpbp.errors import UserError
-from dpbp.model import MLP
-from dpbp.runs import starting_params
+from dpbp.runs import model_of, starting_params
 from dpbp.train import Request, train
 
 
@@ -65,8 +64,7 @@ class Model:
 
     def __init__(self, cfg, params, standardize=None):
         self.cfg = cfg
-        self.network = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"], cfg["loss.kind"],
-                           cfg["model.dtype"])
+        self.network = model_of(cfg)
         self.network.load(params)
         self.params = {name: v.copy() for name, v in self.network.tensors().items()}
         self.standardize = standardize

@@ -26,9 +26,8 @@ from dpbp.data import load_data
 from dpbp.data import standardize as stats
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, l2_penalty
-from dpbp.model import MLP
 from dpbp.partition import chunk_pieces
-from dpbp.runs import starting_params
+from dpbp.runs import model_of, starting_params
 
 EVAL_CHUNK = 256
 
@@ -105,8 +104,7 @@ def _load_run(args):
         raise UserError(f"no --config given and no config.toml next to {args.params}; pass the run's config "
                         f"with --config")
     cfg = load_config(config, data_overrides(args.data) + args.set)
-    model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"], cfg["loss.kind"],
-                cfg["model.dtype"])
+    model = model_of(cfg)
     model.load(starting_params(cfg, args.params))
     return cfg, model
 

@@ -26,7 +26,7 @@ from dpbp import checkpoint as ckpt
 from dpbp.config import OPTIONS, to_toml, trajectory_hash, trajectory_items
 from dpbp.data import epoch_order, epoch_position
 from dpbp.errors import UserError, warn
-from dpbp.model import initial_params, param_names, param_shapes
+from dpbp.model import MLP, initial_params, param_names, param_shapes
 
 DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option holds
 
@@ -87,6 +87,12 @@ def starting_params(cfg, init=None):
     if init:
         return ckpt.load_params(init, names, shapes)
     return initial_params(cfg["model.sizes"], cfg["model.activation"], cfg["seed"], init_kind(cfg))
+
+
+def model_of(cfg, dtype=None):
+    """The config's MLP (parameters zero), in model.dtype unless dtype is given."""
+    return MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"], cfg["loss.kind"],
+               dtype or cfg["model.dtype"])
 
 
 def params_dict(model):

@@ -20,11 +20,12 @@ import numpy as np
 
 from dpbp.errors import UserError
 from dpbp.losses import batch_divisor, finish_gradient, l2_penalty
-from dpbp.model import MLP, Dropout, count_params
+from dpbp.model import Dropout, count_params
 from dpbp.optim import (BLOCK, block_square_sums, clip_by_norm, lr_at, make_optimizer, norm_of_block_sums,
                         scale_to_max_norm, shard_slices, weight_slices_of)
 from dpbp.partition import shares
 from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
+from dpbp.runs import model_of
 
 
 class StepStats(NamedTuple):
@@ -47,8 +48,7 @@ class Trainer:
     def __init__(self, cfg, comm, data, total_steps=None):
         self.cfg, self.comm, self.data = cfg, comm, data
         self.total_steps = total_steps or cfg["train.steps"] or None  # T of the cosine schedule
-        self.model = model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"],
-                                 cfg["loss.kind"], cfg["model.dtype"])
+        self.model = model = model_of(cfg)
         # optim.shard (ZeRO-1): rank r updates and keeps the state of params[lo:hi], whole BLOCKs.
         self.shard = bool(cfg["optim.shard"]) and comm.size > 1
         n = model.n_params

@@ -33,9 +33,9 @@ from dpbp.data import batch_indices, load_data
 from dpbp.errors import EXIT_FAULT, UserError
 from dpbp.layers import ACTIVATIONS
 from dpbp.losses import batch_divisor, finish_gradient
-from dpbp.model import MLP, count_params, param_names, param_shapes, views
+from dpbp.model import count_params, param_names, param_shapes, views
 from dpbp.partition import share
-from dpbp.runs import starting_params
+from dpbp.runs import model_of, starting_params
 from dpbp.step import Trainer
 
 GRADIENTS = ("allreduce", "full", "per-sample", "fd")
@@ -69,7 +69,7 @@ def build_parser():
 
 def reference_model(cfg, params):
     """A float64 MLP of the config holding params."""
-    model = MLP(cfg["model.sizes"], cfg["model.activation"], cfg["model.output"], cfg["loss.kind"], "float64")
+    model = model_of(cfg, "float64")
     model.load(params)
     return model
 
