@@ -114,8 +114,7 @@ class MLP:
         self.loss = LOSSES[loss]
         self._rows, self._views_B = 0, None
         self._drop = None  # the last forward's Dropout, or None
-        self._drop_rows = 0  # rows of the dropout buffers, made on first use
-        self._drop_work = [dropout_workspace(n) for n in self.sizes[1:-1]]
+        self._drop_rows = 0  # rows of the dropout buffers (and their hash workspaces), made on first use
 
     def grad_views(self, flat):
         """Grads over `flat` (n_params,) in this model's dtype and layout."""
@@ -208,6 +207,8 @@ class MLP:
         if self._drop is None:
             return self._outs
         if self._drop_rows < self._rows:
+            if not self._drop_rows:
+                self._drop_work = [dropout_workspace(n) for n in self.sizes[1:-1]]
             self._drop_rows = self._rows
             self._drop_in = [np.empty((self._rows, n), self.dtype) for n in self.sizes[1:-1]]
             self._drop_mask = [np.empty((self._rows, n), self.dtype) for n in self.sizes[1:-1]]
