@@ -59,7 +59,10 @@ def run_job(cluster, tmp_path, args, env) -> tuple[dict, str, dict]:
     out = tmp_path / "job.out"
     env = {**env, "PATH": f"{BIN}:{cluster.env['PATH']}"}  # this venv's python and mpirun in the job
     job = cluster.sbatch([f"--output={out}", "--time=5", *args], cwd=tmp_path, env=env)
-    info = cluster.wait_done(job, 150)
+    try:
+        info = cluster.wait_done(job, 150)
+    except AssertionError as e:  # a hung job: what its ranks printed is the first thing to read
+        raise AssertionError(f"{e}\n--- the job's output ({out}):\n{out.read_text() if out.exists() else ''}") from None
     sent = {k: cluster.tx_bytes(k) - sent[k] for k in sent}
     return info, out.read_text(), sent
 
