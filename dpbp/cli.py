@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 
-from dpbp.comm import get_comm, rank_list
+from dpbp.comm import get_comm, launcher_rank, rank_list
 from dpbp.errors import (EXIT_CRASH, EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingFault,
                          UserError)
 
@@ -105,8 +105,9 @@ def run(main, argv=None, prog="dpbp"):
         os.environ.setdefault(name, value)
     try:
         comm = get_comm()
-    except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    except UserError as e:  # no communicator yet: the launcher's rank 0 speaks for all
+        if launcher_rank() in (0, None):
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     agreement = comm.failure_channel()
     try:

@@ -7,7 +7,10 @@ Every method is collective except ``abort``; callers issue them in the same orde
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 import socket
 import sys
 import time
@@ -16,6 +19,9 @@ from dpbp.errors import UserError
 
 # Environment variables that MPI launchers (hydra, Open MPI, Slurm's PMI) set in the ranks they start.
 _LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+# Where launchers put the rank before MPI is initialised (hydra and Slurm's PMI: PMI_RANK; srun: SLURM_PROCID).
+_RANK_VARS = ("PMI_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+START_TIMEOUT_S = 60.0  # MPI start-up's deadline unless DPBP_START_TIMEOUT says otherwise (0: none)
 
 
 def rank_list(ranks, size):
@@ -316,10 +322,65 @@ def get_comm():
     try:
         import mpi4py
         mpi4py.rc.threads = False  # the trainer is single-threaded; MPI_THREAD_SINGLE is cheapest
-        from mpi4py import MPI
+        with start_up_deadline(start_timeout()):
+            from mpi4py import MPI  # MPI_Init: waits for every rank of the job
     except ImportError as e:  # also raised when libmpi itself cannot be loaded
         if launched_by_mpi():
             raise UserError(f"started by an MPI launcher but mpi4py cannot be loaded ({e}); install it "
                             f"with `pip install mpi4py mpich`, or against your cluster's MPI") from None
         return SerialComm()
     return MPIComm(MPI, MPI.COMM_WORLD)
+
+
+def start_timeout() -> float:
+    """Seconds MPI start-up may take: DPBP_START_TIMEOUT, else START_TIMEOUT_S; a bad value is a UserError."""
+    text = os.environ.get("DPBP_START_TIMEOUT", "")
+    try:
+        seconds = float(text) if text else START_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UserError(f"DPBP_START_TIMEOUT must be a number of seconds >= 0 (0: no deadline), not {text!r}")
+    return seconds
+
+
+@contextlib.contextmanager
+def start_up_deadline(seconds: float):
+    """Kill this process if the block (MPI_Init) has not finished within `seconds`, with one message.
+
+    MPI_Init waits in a fence for every rank of the job. A rank that dies before it arrives (a crash at
+    start, a lost host) leaves the others there forever when the launcher does not kill them (srun with
+    --kill-on-bad-exit=0), and mpi4py holds the GIL during MPI_Init, so no thread of this process can
+    run. A forked watcher can: it waits for the end of the block (the pipe closing) for `seconds`, else
+    the launcher's rank 0 prints the message and the watcher SIGKILLs its parent. Only where an MPI
+    launcher started us (a singleton has no fence); the fork happens before MPI exists.
+    """
+    if not seconds or not launched_by_mpi():
+        yield
+        return
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the watcher: no Python-level cleanup, no MPI, no BLAS
+        os.close(done_w)
+        ended, _, _ = select.select([done_r], [], [], seconds)
+        if not ended:
+            if launcher_rank() in (0, None):
+                os.write(2, (f"dpbp: MPI start-up did not finish within {seconds:g} s: a rank of this job "
+                             f"did not start or died while starting (the launcher's messages name it); "
+                             f"ending this attempt (DPBP_START_TIMEOUT sets the limit)\n").encode())
+            os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(0)
+    os.close(done_r)
+    try:
+        yield
+    finally:
+        os.close(done_w)  # the watcher sees end-of-file and leaves
+        os.waitpid(pid, 0)
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as its launcher set it in the environment, before MPI_Init; None if unknown."""
+    for name in _RANK_VARS:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return None
