@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
-from dpbp.config import load_config
+from dpbp.config import load_config, with_absolute_paths
 from dpbp.data import batch_indices, batches_per_epoch, load_data
 from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.evaluate import held_out
@@ -33,7 +33,11 @@ def build_parser():
     config_arguments(p, "TOML file overriding the defaults (default job: digits)")
     p.add_argument("--out", help="output directory (default: runs/<config name>-<time>)")
     p.add_argument("--init", metavar="PARAMS.npz", help="initial parameters (layers.{k}.weight/bias)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest checkpoint (refused if RUN_DIR holds no run)")
+    where.add_argument("--resume-or-start", metavar="RUN_DIR",
+                       help="for batch scripts: continue the run in RUN_DIR if there is one, else start it there")
     p.add_argument("--force", action="store_true", help="resume even if the config changes the trajectory")
     p.add_argument("--quiet", action="store_true", help="print only the summary and errors")
     p.add_argument("--verbose", action="store_true",
@@ -50,6 +54,7 @@ class Request:
     out: str | None = None
     init: str | dict | None = None  # a parameters file or {name: array}
     resume: str | None = None
+    resume_or_start: str | None = None  # resume if RUN_DIR holds a run, else start there
     force: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -89,20 +94,21 @@ def check_world_size(comm):
                         f"(DPBP_EXPECT_WORLD_SIZE); is the launcher using the right MPI?")
 
 
-def run_config(args):
+def run_config(args, place):
     """The config: --config, else the resumed run's config.toml (if it has one), then --set."""
     config_path = args.config
-    if args.resume and not config_path:
-        config_path = os.path.join(args.resume, "config.toml")
+    if place.resuming and not config_path:
+        config_path = os.path.join(place.run_dir, "config.toml")
         if not os.path.exists(config_path):
-            config_path = None  # an empty run directory: start fresh there with the defaults
+            config_path = None  # a run that stopped before writing its config: the defaults
     return load_config(config_path, args.set)
 
 
 def setup(args, comm):
     """Everything before the first step; every failure here is the same on every rank."""
     check_world_size(comm)
-    cfg = run_config(args)
+    place = runs.place_of(args, comm)  # collective: a bad --resume/--out fails here, before any work
+    cfg = with_absolute_paths(run_config(args, place))  # stored so: the run directory works from anywhere
     # collective: ranks agree on bad data, scan it in shares
     train_data, val_data = load_data(cfg, comm, arrays=args.arrays)
     if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
@@ -112,14 +118,14 @@ def setup(args, comm):
                         f"every rank needs at least one")
     check_memory(cfg, len(train_data), comm.size)
     init = runs.starting_params(cfg, args.init)
-    run_dir = runs.choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
+    run_dir = runs.choose_run_dir(place, args, comm)  # everything above fails alike everywhere
     steps = total_steps(cfg, len(train_data))
     trainer = Trainer(cfg, comm, train_data, steps)
     trainer.model.load(init)
-    start, resumed_from, best = runs.resume(args.resume, args.force, comm, trainer) if args.resume else \
+    start, resumed_from, best = runs.resume(run_dir, args.force, comm, trainer) if place.resuming else \
         (0, None, runs.Best())
     if comm.rank == 0:
-        if args.resume:
+        if place.resuming:
             runs.trim_metrics(run_dir, start)
         runs.write_config(run_dir, cfg)
     progress = Progress(comm, run_dir, quiet=args.quiet or args.silent, verbose=args.verbose,

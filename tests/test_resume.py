@@ -118,9 +118,10 @@ def test_resume_refuses_changed_data_contents(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_resume_of_a_directory_without_checkpoints_starts_fresh_there(tmp_path):
-    """What a requeued batch script relies on: the first attempt and every later one run the same command."""
+def test_resume_or_start_of_a_directory_without_a_run_starts_fresh_there(tmp_path):
+    """What a requeued batch script relies on: the first attempt and every later one run the same command
+    (--resume-or-start; plain --resume refuses a directory without a run: tests/test_run_dir.py)."""
     run(*small(20), "--out", tmp_path / "ref", ranks=2)
     out_dir = tmp_path / "new" / "run"
-    run(*small(20), "--resume", out_dir, ranks=2)
+    run(*small(20), "--resume-or-start", out_dir, ranks=2)
     assert_bitwise_equal(out_dir / "final.npz", tmp_path / "ref/final.npz")
