@@ -16,11 +16,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
 from dpbp.config import load_config, with_absolute_paths
 from dpbp.data import batch_indices, batches_per_epoch, load_data
-from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
+from dpbp.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.progress import Meter, Progress
@@ -78,7 +80,7 @@ class Job:
     val_rec: dict | None = None  # the newest held-out evaluation
     step: int = 0  # the step reached
     stopped_early: bool = False
-    status: int = 0  # the exit status: 0, or EXIT_PREEMPTED
+    status: int = 0  # the exit status: 0, EXIT_PREEMPTED, or EXIT_INTERRUPTED (Ctrl-C, after a checkpoint)
 
 
 def total_steps(cfg, n_train):
@@ -157,8 +159,8 @@ def due(every, step):
 
 
 def train_loop(job, stop, faults):
-    """Steps from job.start to job.steps (or an early stop); returns EXIT_PREEMPTED if a signal asked to
-    stop, else None."""
+    """Steps from job.start to job.steps (or an early stop); returns the exit status if a signal asked to
+    stop (after the checkpoint: see preempt), else None."""
     cfg, trainer, comm, progress = job.cfg, job.trainer, job.trainer.comm, job.progress
     n, B = len(trainer.data), cfg["data.batch_size"]
     meter = Meter(trainer.data.labels is not None)
@@ -175,7 +177,7 @@ def train_loop(job, stop, faults):
         last = step == job.steps
         if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
             check_replicas(comm, trainer.model, step, cfg)
-            return preempt(job, step)
+            return preempt(job, step, stop)
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
@@ -201,13 +203,19 @@ def evaluate_and_keep_best(job, step, epoch):
     job.progress.record(rec)
 
 
-def preempt(job, step):
-    """A signal asked some rank to stop: checkpoint, then every rank exits for a requeue."""
+def preempt(job, step, stop):
+    """A signal asked some rank to stop: checkpoint, then every rank exits; EXIT_INTERRUPTED if some rank
+    got a Ctrl-C (the user stopped it: not for a requeue), else EXIT_PREEMPTED (run me again)."""
     comm = job.trainer.comm
     runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
     # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on the first
-    # non-zero exit (Slurm's KillOnBadExit) must not cut the write short.
-    comm.barrier()
+    # non-zero exit (Slurm's KillOnBadExit) must not cut the write short. The max is that barrier too.
+    interrupted = np.array([float(stop.interrupted)])
+    comm.allreduce_max_(interrupted)
+    if interrupted[0]:
+        job.progress.say(f"interrupted (Ctrl-C): checkpoint at step {step} written to {job.run_dir}; continue "
+                         f"with --resume {job.run_dir}", always=True)
+        return EXIT_INTERRUPTED
     job.progress.say(f"stop requested by a signal: checkpoint at step {step} written to {job.run_dir}; "
                      f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)
     return EXIT_PREEMPTED
@@ -229,20 +237,24 @@ def finish(job, wall):
 
 
 def train(request, comm):
-    """Train as the request says (collective); returns the Job, its status 0 or EXIT_PREEMPTED."""
+    """Train as the request says (collective); returns the Job, its status 0, EXIT_PREEMPTED or
+    EXIT_INTERRUPTED."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
-    faults = FaultInjector.from_env(comm.rank)
-    job = setup(request, comm)
-    t0 = time.perf_counter()
     try:
-        status = train_loop(job, stop, faults)
-    finally:
-        job.progress.close()
-    if status is not None:
-        job.status = status
+        faults = FaultInjector.from_env(comm.rank)
+        job = setup(request, comm)
+        t0 = time.perf_counter()
+        try:
+            status = train_loop(job, stop, faults)
+        finally:
+            job.progress.close()
+        if status is not None:
+            job.status = status
+            return job
+        finish(job, time.perf_counter() - t0)
         return job
-    finish(job, time.perf_counter() - t0)
-    return job
+    finally:
+        stop.restore()
 
 
 def main(argv, comm):
