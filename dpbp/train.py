@@ -118,7 +118,7 @@ def setup(args, comm):
     if len(train_data) < comm.size and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
                         f"every rank needs at least one")
-    check_memory(cfg, len(train_data), comm.size)
+    check_memory(cfg, len(train_data), comm)  # collective
     init = runs.starting_params(cfg, args.init)
     run_dir = runs.choose_run_dir(place, args, comm)  # everything above fails alike everywhere
     steps = total_steps(cfg, len(train_data))
