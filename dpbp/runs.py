@@ -87,12 +87,12 @@ def _place(resume, resume_or_start, out):
 
 def _check_resumable(path):
     """UserError unless path is a run directory: --resume never starts a new run where a typo points."""
-    if os.path.isfile(path):
+    if os.path.exists(path) and not os.path.isdir(path):
         hint = ""
         if path.endswith(".npz"):
             hint = (f" ({path} is a parameters file: --resume {os.path.dirname(path) or '.'} continues its "
                     f"run; --init {path} starts a new run from it)")
-        raise UserError(f"--resume takes a run directory, and {path!r} is a file{hint}")
+        raise UserError(f"--resume takes a run directory, and {path!r} is not a directory{hint}")
     if not os.path.isdir(path):
         raise UserError(f"--resume {path!r}: no such directory; --resume continues a run (start one with "
                         f"--out {path}; in a batch script, --resume-or-start {path} does either)")

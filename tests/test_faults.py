@@ -67,7 +67,7 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path):
     (["--set", "data.path='/nonexistent/train.npz'"], "/nonexistent/train.npz"),
     (["--set", "model.sizez=[2,3]"], "model.sizez"),
     (["--set", "model.sizes=[2,100000000000,2]"], "GiB"),
-    (["--resume", "/dev/null"], "'/dev/null' as the output directory"),
+    (["--resume", "/dev/null"], "--resume takes a run directory, and '/dev/null' is not a directory"),
 ])
 def test_config_and_data_errors_are_printed_once(tmp_path, bad, named):
     job = Job(*small(10), *bad, "--out", tmp_path / "r", ranks=P)

@@ -32,6 +32,7 @@ def one_error(proc):
     (lambda p: None, "no such directory; --resume continues a run"),
     (lambda p: os.mkdir(p), "holds no dpbp run"),
     (lambda p: open(p, "w").close(), "--resume takes a run directory, and"),
+    (lambda p: os.symlink("/dev/null", p), "is not a directory"),
     (lambda p: (os.mkdir(p), open(os.path.join(p, "notes.txt"), "w").close()), "holds no dpbp run"),
 ])
 def test_resume_refuses_a_directory_without_a_run_and_creates_nothing(tmp_path, make, expected):
