@@ -91,11 +91,11 @@ def test_fast_resume_on_other_ranks_differs_only_by_rounding(tmp_path, fast4):
 def test_resume_with_a_trajectory_change_is_refused_naming_the_keys_unless_forced(tmp_path):
     out_dir = tmp_path / "r"
     run(*small(20, "--set", "train.checkpoint_every=10"), "--out", out_dir, ranks=2)
-    change = ["--set", "optim.lr=0.05", "--set", "model.activation='relu'", "--set", "train.steps=30"]
+    change = ["--set", "optim.lr=0.05", "--set", "model.activation='tanh'", "--set", "train.steps=30"]
     out, err = run("--resume", out_dir, *change, ranks=2, expect=EXIT_USAGE)
     lines = error_lines(err)
     assert len(lines) == 1, err
-    assert "optim.lr: 0.1 -> 0.05" in lines[0] and "model.activation: 'tanh' -> 'relu'" in lines[0], err
+    assert "optim.lr: 0.1 -> 0.05" in lines[0] and "model.activation: 'relu' -> 'tanh'" in lines[0], err
     assert "train.steps" not in lines[0] and "--force" in lines[0]
     assert not os.path.exists(out_dir / "ckpt-00000030.npz")
     out, err = run("--resume", out_dir, *change, "--force", ranks=2)
