@@ -33,7 +33,7 @@ class Run:
     params: dict  # {"layers.{k}.weight": (n_out, n_in), "layers.{k}.bias": (n_out,)} float64 copies
     metrics: list  # the records of metrics.jsonl (training lines, and "split": "val" evaluations)
     run_dir: str
-    status: int = 0  # 0, or 75 when a signal stopped the run after a checkpoint (resume it with resume=)
+    status: int = 0  # 0; after a checkpoint, 75 when a signal stopped the run, 130 after Ctrl-C (resume= it)
 
 
 def fit(config=None, *, x=None, y=None, val=None, init=None, out=None, overrides=None, comm=None, quiet=True,

@@ -3,7 +3,8 @@
 - UserError (bad config, data, checkpoint, command line): every rank meets it at the same point, so
   each exits with EXIT_USAGE and only rank 0 prints the one-line message.
 - TrainingFault (non-finite values, diverged replicas): same, with EXIT_FAULT.
-- KeyboardInterrupt (Ctrl-C, which mpirun forwards to every rank): same, with EXIT_INTERRUPTED.
+- KeyboardInterrupt (a second Ctrl-C while training; mpirun forwards it to every rank): same, with
+  EXIT_INTERRUPTED. The first Ctrl-C of a training run writes a checkpoint first (dpbp/faults.py).
 - Anything else happened on ONE rank while the others may be waiting in a collective: that rank prints
   the error once, prefixed with its rank, and aborts the whole MPI job so no rank hangs.
 

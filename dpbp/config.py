@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -353,6 +354,17 @@ def _toml_value(v) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return str(v)
+
+
+# The keys that name files: a run stores them absolute (``with_absolute_paths``) so that its directory
+# works from any working directory (--resume, dpbp.evaluate, dpbp.load).
+PATH_KEYS = ("data.path", "data.targets", "data.val_path", "data.val_targets")
+
+
+def with_absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """cfg with every non-empty PATH_KEYS value made absolute, relative to the working directory (where
+    relative paths have always been read from)."""
+    return {**cfg, **{k: os.path.abspath(cfg[k]) for k in PATH_KEYS if cfg[k]}}
 
 
 def trajectory_items(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def held_out(model, cfg, data, comm, confusion=None):
 def add_run_arguments(p, data_help, data_required=False):
     """The arguments evaluate and predict share."""
     p.add_argument("--params", required=True, metavar="PARAMS.npz",
-                   help="trained parameters: a run's final.npz or one of its checkpoints")
+                   help="trained parameters: a run's final.npz or one of its checkpoints (a run directory: its final.npz)")
     config_arguments(p, "the run's config (default: config.toml next to --params)",
                      "override one config key, e.g. --set data.targets=labels.npy")
     p.add_argument("--data", metavar="FILE", required=data_required, help=data_help)
@@ -84,6 +84,11 @@ def data_overrides(path):
         return []
     return [f"data.path={json.dumps(path)}", "data.targets=''", "data.val_path=''", "data.val_targets=''",
             "data.val_fraction=0.0"]
+
+
+def params_file(path):
+    """--params as given, or a run directory's final.npz."""
+    return os.path.join(path, "final.npz") if os.path.isdir(path) else path
 
 
 def load_run(args, comm):
@@ -133,6 +138,7 @@ def confusion_lines(confusion, names=()):
 
 def main(argv, comm):
     args = parse_args(build_parser(), argv, comm)
+    args.params = params_file(args.params)
     cfg, model = load_run(args, comm)
     # The run's own held-out set recomputes the statistics of its training rows (the same bits);
     # another file needs the ones saved with the parameters.

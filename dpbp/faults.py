@@ -3,7 +3,9 @@
 Signals (what Slurm sends before a time limit or a preemption): SIGTERM or SIGUSR1 to ANY rank sets a
 flag; the flag rides the next step's gradient Allreduce as a summed statistic, so every rank learns at
 the same step boundary that some rank was asked to stop, with no extra collective. Rank 0 then writes a
-checkpoint and every rank exits with EXIT_PREEMPTED.
+checkpoint and every rank exits with EXIT_PREEMPTED. The first SIGINT (Ctrl-C; mpirun forwards it to
+every rank) does the same but exits EXIT_INTERRUPTED, so that nothing requeues a run the user stopped;
+a second SIGINT stops at once, without a checkpoint.
 
 Replica check: every ``train.check_replicas_every`` steps, and before every checkpoint, the ranks
 allgather a CRC-32 of their flat parameter buffer (one pass over the parameters, at memory speed, plus
@@ -36,17 +38,27 @@ FAULTS = ("raise", "usererror", "kill", "nan", "perturb", "term")
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag (1.0 once set, however many signals arrive)."""
+    """SIGTERM/SIGUSR1 set a flag (1.0 once set, however many signals arrive). So does the first SIGINT
+    (Ctrl-C: a checkpoint, then exit; ``interrupted`` remembers it for the exit status); a second SIGINT
+    stops at once (KeyboardInterrupt). ``restore`` puts the handlers found at the start back (dpbp.fit
+    runs inside someone else's Python)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.flag = 0.0
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.flag, self.interrupted = 0.0, False
+        self._saved = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):  # idempotent: mpirun forwards a signal to every rank it starts
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
         self.flag = 1.0
+
+    def restore(self):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- replica check

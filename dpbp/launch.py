@@ -2,7 +2,7 @@
 
     python -m dpbp.launch [OPTIONS] -- LAUNCH COMMAND... -- CONFIG [dpbp.train options...]
 
-runs  LAUNCH COMMAND... PYTHON -m dpbp.train --config CONFIG --resume RUN_DIR [options...]
+runs  LAUNCH COMMAND... PYTHON -m dpbp.train --config CONFIG --resume-or-start RUN_DIR [options...]
 (PYTHON is $DPBP_PYTHON, else the interpreter running this) and ends with the trainer's exit status.
 
 launch/local.sh, launch/slurm.sbatch and launch/pbs.sh keep what only their scheduler knows (directives,
@@ -12,8 +12,8 @@ directory (Slurm does), where nothing next to the script can be found; and `exec
 job's shell, so the scheduler's signals reach it directly.
 
 Run directory: `--out DIR` among the options, else $DPBP_RUN_DIR, else ${DPBP_RUNS:-runs}/NAME with
-NAME = $DPBP_RUN_NAME or --run-name. The trainer always gets `--resume RUN_DIR`: it starts fresh when
-RUN_DIR holds no checkpoint and otherwise continues from the newest valid one, so running the same
+NAME = $DPBP_RUN_NAME or --run-name. The trainer always gets `--resume-or-start RUN_DIR`: it starts fresh
+when RUN_DIR holds no run yet and otherwise continues from the newest valid checkpoint, so running the same
 command again, a requeued job or a resubmitted one continues the run (pass --resume yourself: refused).
 
 Signals: the first SIGTERM, SIGUSR1, SIGINT or SIGHUP asks the ranks to checkpoint: the launch command
@@ -126,7 +126,7 @@ def parse_train_args(args):
                 opts += rest[i:i + 2]
             i += 2
             continue
-        if arg == "--resume" or arg.startswith("--resume="):
+        if arg.split("=")[0] in ("--resume", "--resume-or-start"):
             raise UserError("do not pass --resume: the run directory is resumed automatically (use --out DIR)")
         if arg.startswith("--out="):
             out = arg[len("--out="):]
@@ -248,7 +248,7 @@ class Plan:
         # the scripts' DPBP_PYTHON as given (a wrapper, or a name each node resolves), else this interpreter
         self.python = environ.get("DPBP_PYTHON") or sys.executable
         self.argv = [*command, self.python, "-m", "dpbp.train", "--config", self.config,
-                     "--resume", self.run_dir, *self.train_opts]
+                     "--resume-or-start", self.run_dir, *self.train_opts]
         self.launcher = command[0]
 
     @staticmethod

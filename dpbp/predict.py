@@ -22,7 +22,7 @@ from dpbp.cli import ArgumentParser, parse_args, run, say
 from dpbp.data import load_data
 from dpbp.data import standardize as stats
 from dpbp.errors import UserError
-from dpbp.evaluate import add_run_arguments, load_run, run_config_path
+from dpbp.evaluate import add_run_arguments, load_run, params_file, run_config_path
 from dpbp.partition import share
 
 BLOCK = 4096  # rows per rank per gathered block
@@ -109,6 +109,7 @@ def row_writer(f, model, names):
 
 def main(argv, comm):
     args = parse_args(build_parser(), argv, comm)
+    args.params = params_file(args.params)
     comm.agree(output_problem(args) if comm.rank == 0 else None)
     cfg, model = load_run(args, comm)
     standardize = None

@@ -23,7 +23,7 @@ import numpy as np
 
 from dpbp import __version__
 from dpbp import checkpoint as ckpt
-from dpbp.config import OPTIONS, to_toml, trajectory_hash, trajectory_items
+from dpbp.config import OPTIONS, PATH_KEYS, to_toml, trajectory_hash, trajectory_items
 from dpbp.data import epoch_order, epoch_position
 from dpbp.errors import UserError, warn
 from dpbp.model import MLP, initial_params, param_names, param_shapes
@@ -31,26 +31,111 @@ from dpbp.model import MLP, initial_params, param_names, param_shapes
 DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option holds
 
 
-def choose_run_dir(args, comm):
-    """Rank 0 picks the directory (and checks it); every rank learns the answer."""
-    error, run_dir = None, None
+# A dpbp run directory is one that holds header.jsonl (choose_run_dir creates it, empty, before anything
+# else is written there; every start of the run then records its header in it), a checkpoint or final.npz.
+# The launcher's own files (dpbp.launch --tee / --save-args) may be in a directory before its run starts.
+RUN_MARKS = ("header.jsonl", "final.npz")
+LAUNCHER_FILES = ("launch.args", "launch.log")
+
+
+def is_run(path):
+    """True if path is a dpbp run directory (see RUN_MARKS)."""
+    return os.path.isdir(path) and (any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKS)
+                                    or bool(ckpt.list_checkpoints(path)))
+
+
+@dataclass
+class Place:
+    """Where a run goes: run_dir (None: a new directory under runs/, named when it is made) and whether
+    the run there is continued (resuming) or started."""
+
+    run_dir: str | None
+    resuming: bool
+
+
+def place_of(args, comm):
+    """Collective: the run's Place from --resume, --resume-or-start or --out; rank 0 looks at the disk and
+    every rank learns its answer. Checked before any work, so that a mistyped directory creates nothing."""
+    error = place = None
     if comm.rank == 0:
-        if args.resume:
-            run_dir = args.resume
-        elif args.out:
-            run_dir = args.out
-            if ckpt.list_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "final.npz")):
-                error = (f"--out {run_dir!r} already holds a run; continue it with --resume {run_dir} "
-                         f"or choose another directory")
-        else:
+        try:
+            place = _place(args.resume, getattr(args, "resume_or_start", None), args.out)
+        except UserError as e:
+            error = str(e)
+    error, place = comm.bcast((error, place))
+    if error:
+        raise UserError(error)
+    return place
+
+
+def _place(resume, resume_or_start, out):
+    if resume and resume_or_start:
+        raise UserError("give --resume DIR or --resume-or-start DIR, not both")
+    if resume:
+        _check_resumable(resume)
+        return Place(resume, True)
+    if resume_or_start:
+        if is_run(resume_or_start):
+            return Place(resume_or_start, True)
+        _check_new(resume_or_start, "--resume-or-start")
+        return Place(resume_or_start, False)
+    if out:
+        _check_new(out, "--out")
+        return Place(out, False)
+    return Place(None, False)
+
+
+def _check_resumable(path):
+    """UserError unless path is a run directory: --resume never starts a new run where a typo points."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        hint = ""
+        if path.endswith(".npz"):
+            hint = (f" ({path} is a parameters file: --resume {os.path.dirname(path) or '.'} continues its "
+                    f"run; --init {path} starts a new run from it)")
+        raise UserError(f"--resume takes a run directory, and {path!r} is not a directory{hint}")
+    if not os.path.isdir(path):
+        raise UserError(f"--resume {path!r}: no such directory; --resume continues a run (start one with "
+                        f"--out {path}; in a batch script, --resume-or-start {path} does either)")
+    if not is_run(path):
+        raise UserError(f"--resume {path!r}: holds no dpbp run (no header.jsonl, checkpoint or final.npz); "
+                        f"start one there with --out {path}")
+
+
+def _check_new(path, flag):
+    """UserError unless a new run may start in path: missing, empty, or holding only the launcher's files.
+    A directory of the user's own files is refused, since the run writes config.toml, metrics.jsonl ... there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a file, not a directory")
+    if is_run(path):
+        raise UserError(f"{flag} {path!r} already holds a run; continue it with --resume {path} or choose "
+                        f"another directory")
+    if os.path.isdir(path):
+        try:
+            others = sorted(set(os.listdir(path)) - set(LAUNCHER_FILES))
+        except OSError as e:
+            raise UserError(f"cannot use {path!r} as the output directory: {e.strerror or e}") from None
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UserError(f"{flag} {path!r} is not empty ({shown}) and holds no dpbp run: the run would write "
+                            f"config.toml, metrics.jsonl and checkpoints among those files; choose a new or "
+                            f"empty directory")
+
+
+def choose_run_dir(place, args, comm):
+    """Rank 0 makes the directory (named now if the Place has none) and marks it as a run; every rank
+    learns the answer."""
+    error, run_dir = None, place.run_dir
+    if comm.rank == 0:
+        if run_dir is None:
             named = isinstance(args.config, str) and args.config
             stem = os.path.splitext(os.path.basename(args.config))[0] if named else "default"
             base = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir, k = base, 1
             while os.path.exists(run_dir):
                 run_dir, k = f"{base}-{k}", k + 1
+        error = _make_writable(run_dir)
         if error is None:
-            error = _make_writable(run_dir)
+            open(os.path.join(run_dir, "header.jsonl"), "a").close()  # the mark of a run (RUN_MARKS)
     error, run_dir = comm.bcast((error, run_dir))
     if error:
         raise UserError(error)
@@ -216,9 +301,11 @@ def resume(run_dir, force, comm, trainer):
 
 def trajectory_changes(saved, now):
     """Sorted keys whose values differ; a key that a checkpoint of an older dpbp lacks counts as its
-    default (the value that older dpbp computed with)."""
+    default (the value that older dpbp computed with). Paths compare absolute: a run that stored a relative
+    one (an older dpbp) resumes from the directory it was started in."""
     def value(items, k):
-        return items[k] if k in items else (OPTIONS[k].default if k in OPTIONS else None)
+        v = items[k] if k in items else (OPTIONS[k].default if k in OPTIONS else None)
+        return os.path.abspath(v) if k in PATH_KEYS and v else v
     return sorted(k for k in set(saved) | set(now) if value(saved, k) != value(now, k))
 
 

@@ -242,19 +242,83 @@ def build_optimizer(cfg, params, shapes, bounds=None):
                           weight_slices=shard_slices(weight_slices_of(shapes), lo, hi))
 
 
-def check_memory(cfg, n_train, size):
-    """UserError if one rank's buffers cannot fit in this machine's memory (a typo in model.sizes or
-    data.batch_size), rather than a MemoryError halfway through setting up."""
-    sizes, itemsize = cfg["model.sizes"], np.dtype(cfg["model.dtype"]).itemsize
-    n_params = count_params(sizes)
-    rows = -(-min(cfg["data.batch_size"], n_train) // size)
-    if cfg["comm.reduce"] == "reproducible":
-        rows = min(rows, cfg["comm.chunk"])
-    need = 4 * n_params * 8 + 2 * rows * sum(sizes) * itemsize  # params, gradient, momentum, reduce buffers
+def memory_need(cfg, n_train, size):
+    """{what: bytes} one rank holds at its peak (the data set not counted): the parameters and the model's
+    gradient, the reducer's buffers, the optimizer's state (1/P of it with optim.shard), the activations of
+    a piece, and the larger of two transients: the float64 starting parameters (setup) and rank 0's copies
+    of parameters and state for a checkpoint."""
+    sizes, s = cfg["model.sizes"], np.dtype(cfg["model.dtype"]).itemsize
+    n = count_params(sizes)
+    kind = cfg["optim.kind"]
+    copies = 2 if kind in ("adam", "adamw") else (1 if cfg["optim.momentum"] else 0)  # m and v; momentum
+    n_state = -(-n // size) if cfg["optim.shard"] and size > 1 else n
+    rows = -(-min(cfg["data.batch_size"], n_train) // size)  # this rank's share of a batch
+    reduce_copies = 1  # fast: one flat buffer
+    if cfg["comm.reduce"] == "reproducible":  # buf, the integer sums, a buffer per local chunk but the last
+        chunk = cfg["comm.chunk"]
+        reduce_copies = 1 + -(-(-(-min(cfg["data.batch_size"], n_train) // chunk)) // size)
+        rows = min(rows, chunk)
+    micro = cfg["data.micro_batch"]
+    if micro and micro < rows:
+        rows, reduce_copies = micro, reduce_copies + 1  # and the micro-batches' gradient buffer
+    hidden = sum(sizes[1:-1]) if cfg["model.dropout"] else 0
+    return {"parameters and gradient": 2 * n * s, "reduction buffers": reduce_copies * n * s,
+            f"{kind} state": copies * n_state * s,
+            "activations": (3 * sum(sizes) + 2 * hidden) * rows * s,
+            "starting parameters or checkpoint copies": max(8 * n, (1 + copies) * n * s)}
+
+
+def memory_limits():
+    """(bytes available to new allocations on this node: MemAvailable, else physical memory or None;
+    bytes of address space this process may still map under RLIMIT_AS (ulimit -v), or None)."""
+    available = None
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
-        raise UserError(f"model.sizes = {sizes} with data.batch_size = {cfg['data.batch_size']} needs about "
-                        f"{need / 2**30:.3g} GiB per rank; this machine has {have / 2**30:.3g} GiB")
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, OSError, ValueError):
+        return available, None
+    if soft == resource.RLIM_INFINITY:
+        return available, None
+    used = 0
+    try:
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return available, max(soft - used, 0)
+
+
+def memory_problem(cfg, need, local_size, available, as_left):
+    """Why the run cannot fit (one message), or None. need: memory_need's; local_size ranks share the
+    node's `available` bytes; each process may map `as_left` more bytes (RLIMIT_AS is per process)."""
+    total, gib = sum(need.values()), 2**30
+    parts = ", ".join(f"{k} {v / gib:.3g}" for k, v in need.items() if v)
+    what = (f"model.sizes = {cfg['model.sizes']} ({count_params(cfg['model.sizes']):,} parameters, "
+            f"{cfg['model.dtype']}) with data.batch_size = {cfg['data.batch_size']} needs about "
+            f"{total / gib:.3g} GiB per rank ({parts})")
+    if as_left is not None and total > as_left:
+        return (f"{what}; the address-space limit (ulimit -v, RLIMIT_AS) leaves each process "
+                f"{as_left / gib:.3g} GiB: choose a smaller model or batch, or raise the limit")
+    if available is not None and local_size * total > available:
+        ranks = f"the {local_size} ranks on this node need {local_size * total / gib:.3g} GiB" if local_size > 1 \
+            else "this node has"
+        have = f"{available / gib:.3g} GiB available (MemAvailable)"
+        return (f"{what}; {ranks} and it has {have}: use fewer ranks per node, a smaller model or batch"
+                if local_size > 1 else f"{what}; {ranks} {have}: choose a smaller model or batch")
+    return None
+
+
+def check_memory(cfg, n_train, comm):
+    """Collective: the same UserError on every rank if the ranks on some node cannot hold their buffers
+    (a typo in model.sizes or data.batch_size), rather than a MemoryError halfway through setting up."""
+    _, local_size = comm.local_rank_size()
+    need = memory_need(cfg, n_train, comm.size)
+    comm.agree(memory_problem(cfg, need, local_size, *memory_limits()))

@@ -16,11 +16,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
-from dpbp.config import load_config
+from dpbp.config import load_config, with_absolute_paths
 from dpbp.data import batch_indices, batches_per_epoch, load_data
-from dpbp.errors import EXIT_PREEMPTED, TrainingFault, UserError
+from dpbp.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.progress import Meter, Progress
@@ -33,7 +35,11 @@ def build_parser():
     config_arguments(p, "TOML file overriding the defaults (default job: digits)")
     p.add_argument("--out", help="output directory (default: runs/<config name>-<time>)")
     p.add_argument("--init", metavar="PARAMS.npz", help="initial parameters (layers.{k}.weight/bias)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest checkpoint (refused if RUN_DIR holds no run)")
+    where.add_argument("--resume-or-start", metavar="RUN_DIR",
+                       help="for batch scripts: continue the run in RUN_DIR if there is one, else start it there")
     p.add_argument("--force", action="store_true", help="resume even if the config changes the trajectory")
     p.add_argument("--quiet", action="store_true", help="print only the summary and errors")
     p.add_argument("--verbose", action="store_true",
@@ -50,6 +56,7 @@ class Request:
     out: str | None = None
     init: str | dict | None = None  # a parameters file or {name: array}
     resume: str | None = None
+    resume_or_start: str | None = None  # resume if RUN_DIR holds a run, else start there
     force: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -73,7 +80,7 @@ class Job:
     val_rec: dict | None = None  # the newest held-out evaluation
     step: int = 0  # the step reached
     stopped_early: bool = False
-    status: int = 0  # the exit status: 0, or EXIT_PREEMPTED
+    status: int = 0  # the exit status: 0, EXIT_PREEMPTED, or EXIT_INTERRUPTED (Ctrl-C, after a checkpoint)
 
 
 def total_steps(cfg, n_train):
@@ -89,20 +96,21 @@ def check_world_size(comm):
                         f"(DPBP_EXPECT_WORLD_SIZE); is the launcher using the right MPI?")
 
 
-def run_config(args):
+def run_config(args, place):
     """The config: --config, else the resumed run's config.toml (if it has one), then --set."""
     config_path = args.config
-    if args.resume and not config_path:
-        config_path = os.path.join(args.resume, "config.toml")
+    if place.resuming and not config_path:
+        config_path = os.path.join(place.run_dir, "config.toml")
         if not os.path.exists(config_path):
-            config_path = None  # an empty run directory: start fresh there with the defaults
+            config_path = None  # a run that stopped before writing its config: the defaults
     return load_config(config_path, args.set)
 
 
 def setup(args, comm):
     """Everything before the first step; every failure here is the same on every rank."""
     check_world_size(comm)
-    cfg = run_config(args)
+    place = runs.place_of(args, comm)  # collective: a bad --resume/--out fails here, before any work
+    cfg = with_absolute_paths(run_config(args, place))  # stored so: the run directory works from anywhere
     # collective: ranks agree on bad data, scan it in shares
     train_data, val_data = load_data(cfg, comm, arrays=args.arrays)
     if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
@@ -110,16 +118,16 @@ def setup(args, comm):
     if len(train_data) < comm.size and cfg["data.path"]:
         raise UserError(f"{train_data.source}: {len(train_data)} training samples for {comm.size} ranks; "
                         f"every rank needs at least one")
-    check_memory(cfg, len(train_data), comm.size)
+    check_memory(cfg, len(train_data), comm)  # collective
     init = runs.starting_params(cfg, args.init)
-    run_dir = runs.choose_run_dir(args, comm)  # the first collective: everything above fails alike everywhere
+    run_dir = runs.choose_run_dir(place, args, comm)  # everything above fails alike everywhere
     steps = total_steps(cfg, len(train_data))
     trainer = Trainer(cfg, comm, train_data, steps)
     trainer.model.load(init)
-    start, resumed_from, best = runs.resume(args.resume, args.force, comm, trainer) if args.resume else \
+    start, resumed_from, best = runs.resume(run_dir, args.force, comm, trainer) if place.resuming else \
         (0, None, runs.Best())
     if comm.rank == 0:
-        if args.resume:
+        if place.resuming:
             runs.trim_metrics(run_dir, start)
         runs.write_config(run_dir, cfg)
     progress = Progress(comm, run_dir, quiet=args.quiet or args.silent, verbose=args.verbose,
@@ -151,8 +159,8 @@ def due(every, step):
 
 
 def train_loop(job, stop, faults):
-    """Steps from job.start to job.steps (or an early stop); returns EXIT_PREEMPTED if a signal asked to
-    stop, else None."""
+    """Steps from job.start to job.steps (or an early stop); returns the exit status if a signal asked to
+    stop (after the checkpoint: see preempt), else None."""
     cfg, trainer, comm, progress = job.cfg, job.trainer, job.trainer.comm, job.progress
     n, B = len(trainer.data), cfg["data.batch_size"]
     meter = Meter(trainer.data.labels is not None)
@@ -169,7 +177,7 @@ def train_loop(job, stop, faults):
         last = step == job.steps
         if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
             check_replicas(comm, trainer.model, step, cfg)
-            return preempt(job, step)
+            return preempt(job, step, stop)
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
@@ -195,13 +203,19 @@ def evaluate_and_keep_best(job, step, epoch):
     job.progress.record(rec)
 
 
-def preempt(job, step):
-    """A signal asked some rank to stop: checkpoint, then every rank exits for a requeue."""
+def preempt(job, step, stop):
+    """A signal asked some rank to stop: checkpoint, then every rank exits; EXIT_INTERRUPTED if some rank
+    got a Ctrl-C (the user stopped it: not for a requeue), else EXIT_PREEMPTED (run me again)."""
     comm = job.trainer.comm
     runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
     # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on the first
-    # non-zero exit (Slurm's KillOnBadExit) must not cut the write short.
-    comm.barrier()
+    # non-zero exit (Slurm's KillOnBadExit) must not cut the write short. The max is that barrier too.
+    interrupted = np.array([float(stop.interrupted)])
+    comm.allreduce_max_(interrupted)
+    if interrupted[0]:
+        job.progress.say(f"interrupted (Ctrl-C): checkpoint at step {step} written to {job.run_dir}; continue "
+                         f"with --resume {job.run_dir}", always=True)
+        return EXIT_INTERRUPTED
     job.progress.say(f"stop requested by a signal: checkpoint at step {step} written to {job.run_dir}; "
                      f"exiting with status {EXIT_PREEMPTED} so the job can be requeued", always=True)
     return EXIT_PREEMPTED
@@ -223,20 +237,24 @@ def finish(job, wall):
 
 
 def train(request, comm):
-    """Train as the request says (collective); returns the Job, its status 0 or EXIT_PREEMPTED."""
+    """Train as the request says (collective); returns the Job, its status 0, EXIT_PREEMPTED or
+    EXIT_INTERRUPTED."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
-    faults = FaultInjector.from_env(comm.rank)
-    job = setup(request, comm)
-    t0 = time.perf_counter()
     try:
-        status = train_loop(job, stop, faults)
-    finally:
-        job.progress.close()
-    if status is not None:
-        job.status = status
+        faults = FaultInjector.from_env(comm.rank)
+        job = setup(request, comm)
+        t0 = time.perf_counter()
+        try:
+            status = train_loop(job, stop, faults)
+        finally:
+            job.progress.close()
+        if status is not None:
+            job.status = status
+            return job
+        finish(job, time.perf_counter() - t0)
         return job
-    finish(job, time.perf_counter() - t0)
-    return job
+    finally:
+        stop.restore()
 
 
 def main(argv, comm):

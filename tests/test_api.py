@@ -127,3 +127,13 @@ def test_readme_python_examples_run(tmp_path, k):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_fit_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """fit runs inside someone's Python: its Ctrl-C/SIGTERM handling ends with the run."""
+    import signal
+
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in watched}
+    dpbp.fit({"data": {"name": "xor"}, "model": {"sizes": [2, 4, 2]}, "train": {"steps": 2}}, out=str(tmp_path / "r"))
+    assert {s: signal.getsignal(s) for s in watched} == before

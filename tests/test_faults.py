@@ -67,7 +67,7 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path):
     (["--set", "data.path='/nonexistent/train.npz'"], "/nonexistent/train.npz"),
     (["--set", "model.sizez=[2,3]"], "model.sizez"),
     (["--set", "model.sizes=[2,100000000000,2]"], "GiB"),
-    (["--resume", "/dev/null"], "'/dev/null' as the output directory"),
+    (["--resume", "/dev/null"], "--resume takes a run directory, and '/dev/null' is not a directory"),
 ])
 def test_config_and_data_errors_are_printed_once(tmp_path, bad, named):
     job = Job(*small(10), *bad, "--out", tmp_path / "r", ranks=P)
@@ -229,12 +229,58 @@ def test_stop_flag_rides_the_bucketed_allreduce_too(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(out_dir)] == ["ckpt-00000021.npz"]
 
 
+def ctrl_c_at_step_5(out_dir, ranks):
+    """Ctrl-C once step 5 is logged: to the process alone (ranks None), else to mpirun, which forwards
+    it to every rank; (rc, stdout, stderr, seconds)."""
+    job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir, ranks=ranks,
+              env={**SLOW, **({} if ranks else {"DPBP_SERIAL": "1"})})
+    try:
+        if ranks:
+            job.rank_pids(ranks)
+        wait_for_step(out_dir, 5, job)
+        job.proc.send_signal(signal.SIGINT)
+        return job.finish(timeout=60)
+    finally:
+        job.kill()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_first_ctrl_c_writes_a_checkpoint_and_stops(tmp_path, ranks):
+    """Alone and under `mpirun -n 2`: a checkpoint at a step boundary, exit 130 (interrupted; not 75, so
+    nothing requeues it), and --resume ends where the uninterrupted run does, bit for bit."""
+    out_dir, ref = tmp_path / "r", tmp_path / "ref"
+    rc, out, err, _ = ctrl_c_at_step_5(out_dir, ranks)
+    assert rc == EXIT_INTERRUPTED, (rc, out, err)
+    steps = [int(os.path.basename(p)[5:13]) for p in list_checkpoints(out_dir)]
+    assert steps and 5 <= steps[0] < STEPS and not (out_dir / "final.npz").exists(), (steps, err)
+    assert f"interrupted (Ctrl-C): checkpoint at step {steps[0]} written to {out_dir}" in out, out
+    assert "Traceback" not in err and err.count("\n") <= 1, err
+    env = {} if ranks else {"DPBP_SERIAL": "1"}
+    for args in (("--resume", out_dir), (*small(STEPS), "--out", ref)):
+        rc, _, err, _ = Job(*args, "--quiet", ranks=ranks, env=env).finish(timeout=120)
+        assert rc == 0, err
+    assert_bitwise_equal(out_dir / "final.npz", ref / "final.npz")
+
+
 @pytest.mark.timeout(90)
-def test_ctrl_c_to_mpirun_stops_every_rank_with_one_message(tmp_path):
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """Each step sleeps 2 s first (DPBP_STEP_SLEEP), so the first Ctrl-C's checkpoint is still ahead when
+    the second comes: that one ends the run at once, without a checkpoint, with one message and 130."""
     out_dir = tmp_path / "r"
-    rc, out, err, seconds = signal_mpirun_at_step_5(out_dir, signal.SIGINT)
-    assert rc == EXIT_INTERRUPTED, (rc, err)
+    job = Job(*small(STEPS, "--set", "train.log_every=1"), "--out", out_dir,
+              env={"DPBP_SERIAL": "1", "DPBP_STEP_SLEEP": "2"})
+    try:
+        wait_for_step(out_dir, 1, job)
+        job.proc.send_signal(signal.SIGINT)  # during step 2's sleep: the stop would come after it
+        time.sleep(0.3)
+        job.proc.send_signal(signal.SIGINT)
+        rc, out, err, seconds = job.finish(timeout=60)
+    finally:
+        job.kill()
+    assert rc == EXIT_INTERRUPTED, (rc, out, err)
     assert error_lines(err) == ["dpbp.train: stopped: interrupted"], err
+    assert list_checkpoints(out_dir) == [] and "checkpoint at step" not in out, out
 
 
 @pytest.mark.timeout(60)

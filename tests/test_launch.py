@@ -105,7 +105,7 @@ def test_the_trainer_gets_the_config_the_run_dir_to_resume_and_the_options(tmp_p
     assert rc == 0 and "training finished" in out, out
     run_dir = str(tmp_path / expected)
     assert job.notes()[0]["argv"] == [sys.executable, "-m", "dpbp.train", "--config", CONFIG,
-                                      "--resume", run_dir, "--set", "train.steps=3"]
+                                      "--resume-or-start", run_dir, "--set", "train.steps=3"]
     assert os.path.isdir(run_dir) and f"run dir {run_dir}: no checkpoint yet, fresh start" in out
     assert job.notes()[0]["env"]["DPBP_EXPECT_WORLD_SIZE"] == "3"
 

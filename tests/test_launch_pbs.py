@@ -166,7 +166,7 @@ def test_the_walltime_timer_sends_the_warning_before_the_limit(tmp_path):
     assert f"time-limit warning (SIGUSR1 to this process) in {left} s" in out, out
     here = pbs.work / "here"
     assert pbs.stand_in_args() == ["-n", "3", "-machinefile", str(pbs.nodefile), sys.executable, "-m",
-                                   "dpbp.train", "--config", "spirals.toml", "--resume", str(here),
+                                   "dpbp.train", "--config", "spirals.toml", "--resume-or-start", str(here),
                                    "--set", "data.note='a b'"]
     threads = max(1, 8 // 3)
     assert (pbs.fake / "mpirun.env").read_text().split() == [

@@ -62,7 +62,7 @@ def test_plain_lines_off_a_terminal(run_cli, tmp_path):
     assert "dpbp 0.1.0" in header and mpi_library() in header
     assert re.search(r"BLAS \S+.* (\d+ threads?|threads \S+)", header), header
     n_params = sum((a + 1) * b for a, b in zip(SIZES[:-1], SIZES[1:]))
-    assert f"model 2-16-2 tanh/softmax float64, {n_params} parameters" in header
+    assert f"model 2-16-2 relu/softmax float64, {n_params} parameters" in header  # configs/spirals.toml
     assert "global batch 9, per rank 4-5" in header and "reduce fast" in header
     assert f"output {out}" in header and "20 steps" in header
 

@@ -91,11 +91,11 @@ def test_fast_resume_on_other_ranks_differs_only_by_rounding(tmp_path, fast4):
 def test_resume_with_a_trajectory_change_is_refused_naming_the_keys_unless_forced(tmp_path):
     out_dir = tmp_path / "r"
     run(*small(20, "--set", "train.checkpoint_every=10"), "--out", out_dir, ranks=2)
-    change = ["--set", "optim.lr=0.05", "--set", "model.activation='relu'", "--set", "train.steps=30"]
+    change = ["--set", "optim.lr=0.05", "--set", "model.activation='tanh'", "--set", "train.steps=30"]
     out, err = run("--resume", out_dir, *change, ranks=2, expect=EXIT_USAGE)
     lines = error_lines(err)
     assert len(lines) == 1, err
-    assert "optim.lr: 0.1 -> 0.05" in lines[0] and "model.activation: 'tanh' -> 'relu'" in lines[0], err
+    assert "optim.lr: 0.1 -> 0.05" in lines[0] and "model.activation: 'relu' -> 'tanh'" in lines[0], err
     assert "train.steps" not in lines[0] and "--force" in lines[0]
     assert not os.path.exists(out_dir / "ckpt-00000030.npz")
     out, err = run("--resume", out_dir, *change, "--force", ranks=2)
@@ -118,9 +118,10 @@ def test_resume_refuses_changed_data_contents(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_resume_of_a_directory_without_checkpoints_starts_fresh_there(tmp_path):
-    """What a requeued batch script relies on: the first attempt and every later one run the same command."""
+def test_resume_or_start_of_a_directory_without_a_run_starts_fresh_there(tmp_path):
+    """What a requeued batch script relies on: the first attempt and every later one run the same command
+    (--resume-or-start; plain --resume refuses a directory without a run: tests/test_run_dir.py)."""
     run(*small(20), "--out", tmp_path / "ref", ranks=2)
     out_dir = tmp_path / "new" / "run"
-    run(*small(20), "--resume", out_dir, ranks=2)
+    run(*small(20), "--resume-or-start", out_dir, ranks=2)
     assert_bitwise_equal(out_dir / "final.npz", tmp_path / "ref/final.npz")

@@ -22,7 +22,7 @@ MODELS = {
     "seed-2-2-2": ["--config", os.path.join(REPO, "configs/seed.toml")],
     # a deep tanh net, mean with l2, 30 samples: uneven shares at P = 4
     "deep-tanh": ["--config", os.path.join(REPO, "configs/spirals.toml"), "--set", "model.sizes=[2,16,16,16,16,2]",
-                  "--set", "loss.reduction='mean'", "--set", "loss.l2=0.01", "--set", "data.batch_size=30"],
+                  "--set", "model.activation='tanh'", "--set", "loss.reduction='mean'", "--set", "loss.l2=0.01", "--set", "data.batch_size=30"],
     # softmax cross-entropy with l2 on 37 samples, through the reproducible reducer (8 chunks of 5)
     "softmax-ce-l2": ["--set", "data.name='random'", "--set", "model.sizes=[20,24,10]", "--set", "loss.l2=0.05",
                       "--set", "data.batch_size=37", "--set", "comm.reduce='reproducible'", "--set", "comm.chunk=5"],
