@@ -125,7 +125,7 @@ def parameters_meta(model, step, data):
     standardize = None if data.standardize is None else {
         "mean": data.standardize.mean.tolist(), "std": data.standardize.std.tolist()}
     return {"dpbp": __version__, "step": step, "sizes": list(model.sizes), "activation": model.activation,
-            "output": model.output, "dtype": model.dtype.name, "classes": list(data.classes or []) or None,
+            "output": model.output, "loss": model.loss_kind, "dtype": model.dtype.name, "classes": list(data.classes or []) or None,
             "standardize": standardize,
             "layers": "layers.{k}.weight (out, in) and layers.{k}.bias (out,): out = f(x @ weight.T + bias)"}
 
