@@ -100,7 +100,8 @@ def atomic_write(path, write):
 
 
 def read_companion(path):
-    """The companion JSON of the parameters file `path` as a dict, or None if there is none."""
+    """The companion JSON of the parameters file `path` as a dict, or None if there is none (or it is a
+    JSON file that dpbp did not write: no "format" of PARAMS_FORMAT)."""
     where = companion_path(path)
     if where == path or not os.path.isfile(where):
         return None
@@ -111,8 +112,8 @@ def read_companion(path):
             meta = json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{where}: cannot read the description of {path} ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{where}: not a dpbp parameters description (a JSON object is expected)")
+    if not isinstance(meta, dict) or meta.get("format") != PARAMS_FORMAT:
+        return None  # some other JSON file of the same name (the user's own): not a description
     return meta
 
 

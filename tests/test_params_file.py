@@ -111,3 +111,15 @@ def test_init_and_verify_start_from_a_parameters_file(run, tmp_path):
     run_dpbp("train", *common, "--set", "train.steps=2", "--init", root / "run/final.npz", "--out", tmp_path / "again",
              "--quiet", check=True)
     run_dpbp("verify", *common, "--init", root / "run/final.npz", check=True)
+
+
+def test_a_json_file_dpbp_did_not_write_is_not_taken_for_a_description(run, tmp_path):
+    root, _ = run
+    params = load_params(root / "run/final.npz")
+    np.savez(tmp_path / "weights.npz", **params)
+    (tmp_path / "weights.json").write_text('{"sizes": [9, 9], "standardize": {"mean": [0], "std": [1]}}')
+    arrays, meta = ckpt.load(str(tmp_path / "weights.npz"))
+    assert meta == {} and sorted(arrays) == sorted(params)
+    (tmp_path / "weights.json").write_text(json.dumps({"format": ckpt.PARAMS_FORMAT, "sha256": "0" * 64}))
+    with pytest.raises(dpbp.UserError, match="do not match the checksum"):
+        ckpt.load(str(tmp_path / "weights.npz"))
