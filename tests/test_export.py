@@ -150,3 +150,12 @@ def test_the_csv_walkthrough_runs_to_an_onnx_file_that_predicts_the_names(tmp_pa
                           env=clean_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == repr(names)
+
+
+def test_dtype_float32_writes_a_float_graph_of_a_float64_model(tmp_path):
+    run_dir, x = trained(tmp_path, [3, 8, 3], "tanh", "softmax")
+    run_dpbp("export", run_dir, "--onnx", tmp_path / "f32.onnx", "--dtype", "float32", check=True)
+    session = ort.InferenceSession(str(tmp_path / "f32.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    np.testing.assert_allclose(onnx_outputs(tmp_path / "f32.onnx", x)[0], dpbp.load(run_dir).predict(x),
+                               rtol=1e-5, atol=1e-6)
