@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpbp.checkpoint import companion_path, read_companion
 from dpbp.comm import get_comm
 from dpbp.config import load_config
 from dpbp.data import standardize as stats
@@ -81,15 +82,32 @@ class Model:
 
 
 def load(run_dir_or_params) -> Model:
-    """A run directory (its final.npz) or a parameters file with config.toml beside it."""
+    """A run directory (its final.npz) or a parameters file with config.toml beside it, or with only its
+    description (final.json: a parameters file copied on its own with it)."""
     path = run_dir_or_params
     if os.path.isdir(path):
         path = os.path.join(path, "final.npz")
     if not os.path.exists(path):
         raise UserError(f"{run_dir_or_params}: no such run directory or parameters file")
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.toml")
-    if not os.path.exists(config):
-        raise UserError(f"{path}: no config.toml beside it, so the network's shape is unknown")
-    cfg = load_config(config)
+    if os.path.exists(config):
+        cfg = load_config(config)
+    else:
+        cfg = described_config(path)
     saved = stats.saved(path, cfg["model.sizes"][0]) if cfg["data.standardize"] else None
     return Model(cfg, starting_params(cfg, path), saved)
+
+
+def described_config(path):
+    """The config of the network that a parameters file's description (final.json) names."""
+    meta = read_companion(path) or {}
+    if "sizes" not in meta:
+        raise UserError(f"{path}: no config.toml beside it and no {os.path.basename(companion_path(path))} "
+                        f"describing it, so the network's shape is unknown")
+    output = meta.get("output", "softmax")
+    loss = meta.get("loss", "cross_entropy" if output in ("softmax", "sigmoid") else "squared_error")
+    return load_config({"model": {"sizes": meta["sizes"], "activation": meta.get("activation", "tanh"),
+                                  "output": output, "dtype": meta.get("dtype", "float64")},
+                        "loss": {"kind": loss},
+                        "data": {"standardize": meta.get("standardize") is not None,
+                                 "classes": meta.get("classes") or []}})

@@ -1,8 +1,15 @@
 """Atomic, checksummed .npz files for parameters and checkpoints. Imports only numpy and the stdlib.
 
-A file holds named arrays (``layers.{k}.weight``/``.bias`` for parameters, ``optim.velocity`` ...) and
-one JSON string ``__meta__`` with the progress counters, the config and a SHA-256 over every array, so a
-truncated or altered file is detected on load.
+A checkpoint holds named arrays (``layers.{k}.weight``/``.bias``, ``optim.velocity`` ...) and one JSON
+string ``__meta__`` with the progress counters, the config and a SHA-256 over every array, so a truncated
+or altered file is detected on load.
+
+A parameters file (final.npz, best.npz: ``save_parameters``) holds only the ``layers.{k}.weight`` (out ×
+in) and ``layers.{k}.bias`` arrays, so that ``np.load`` and PyTorch's ``load_state_dict`` (after renaming
+the keys) take it as it is; its description (sizes, activations, dtype, classes, the standardize
+statistics, the step and the SHA-256 of the arrays) is the companion JSON file of the same stem
+(final.json, best.json: ``companion_path``), which ``load`` reads and checks. Files of dpbp 0.1, with
+``__meta__`` (and ``standardize.*`` arrays) inside, still load.
 
 Reading never trusts the file: every member's .npy header is read and checked (no object dtype, so
 nothing is ever unpickled; the declared size must fit in the member and under a limit; the shape must be
@@ -26,6 +33,7 @@ import numpy as np
 from dpbp.errors import UserError
 
 META = "__meta__"
+PARAMS_FORMAT = "dpbp parameters 2"  # the companion JSON's "format"
 CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.npz$")
 TMP_PREFIX = ".tmp-"
 MAX_META_BYTES = 1 << 24  # the JSON metadata (config, counters) is a few kB
@@ -45,18 +53,38 @@ def digest(arrays):
 
 
 def save(path, arrays, meta=None):
-    """Write arrays (+ meta) to `path` atomically: temporary file, fsync, rename, fsync the folder.
+    """Write arrays + meta (with the arrays' SHA-256) as `path` atomically, meta as the ``__meta__``
+    member: the checkpoint format."""
+    meta = dict(meta or {})
+    meta["sha256"] = digest(arrays)
+    atomic_write(path, lambda f: np.savez(f, **arrays, **{META: np.array(json.dumps(meta))}))
+
+
+def companion_path(path):
+    """final.npz -> final.json: where a parameters file's description lives."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def save_parameters(path, arrays, meta):
+    """A parameters file: `path` holds the arrays alone (no ``__meta__``), and its companion JSON holds
+    meta, the format and the arrays' SHA-256 (so a pair that does not belong together is detected).
+    Each is written atomically, the arrays first."""
+    meta = {"format": PARAMS_FORMAT, **meta, "sha256": digest(arrays)}
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(companion_path(path), lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+
+
+def atomic_write(path, write):
+    """write(binary file) into a temporary file beside `path`, fsync, rename, fsync the folder.
 
     A crash at any moment leaves either the old file or the new one at `path`, never a partial one.
     """
-    meta = dict(meta or {})
-    meta["sha256"] = digest(arrays)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{META: np.array(json.dumps(meta))})
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +97,24 @@ def save(path, arrays, meta=None):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_companion(path):
+    """The companion JSON of the parameters file `path` as a dict, or None if there is none (or it is a
+    JSON file that dpbp did not write: no "format" of PARAMS_FORMAT)."""
+    where = companion_path(path)
+    if where == path or not os.path.isfile(where):
+        return None
+    try:
+        if os.path.getsize(where) > MAX_META_BYTES:
+            raise ValueError(f"larger than {MAX_META_BYTES} bytes")
+        with open(where) as f:
+            meta = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{where}: cannot read the description of {path} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != PARAMS_FORMAT:
+        return None  # some other JSON file of the same name (the user's own): not a description
+    return meta
 
 
 # ---------------------------------------------------------------- reading untrusted files
@@ -144,16 +190,20 @@ def load(path, expected=None, max_bytes=None):
         raise UserError(f"{path}: not a readable .npz file, or a truncated one ({e})") from None
     except Exception as e:  # noqa: BLE001 - EOFError, ValueError, zlib.error, MemoryError, ...
         raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    meta = {}
-    if META in arrays:
-        try:
-            meta = json.loads(str(arrays.pop(META)))
-        except (ValueError, TypeError, RecursionError):
-            raise UserError(f"{path}: its metadata is damaged") from None
-        if not isinstance(meta, dict):
-            raise UserError(f"{path}: its metadata is damaged")
-        if meta.get("sha256") != digest(arrays):
-            raise UserError(f"{path}: checksum mismatch (the file is truncated or was altered)")
+    if META not in arrays:  # a parameters file: its description is the companion JSON, if any
+        meta = read_companion(path)
+        if meta is not None and "sha256" in meta and meta["sha256"] != digest(arrays):
+            raise UserError(f"{path}: its arrays do not match the checksum in {companion_path(path)} (one of "
+                            f"them was altered, or they are not from the same save)")
+        return arrays, meta or {}
+    try:
+        meta = json.loads(str(arrays.pop(META)))
+    except (ValueError, TypeError, RecursionError):
+        raise UserError(f"{path}: its metadata is damaged") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its metadata is damaged")
+    if meta.get("sha256") != digest(arrays):
+        raise UserError(f"{path}: checksum mismatch (the file is truncated or was altered)")
     return arrays, meta
 
 
@@ -205,7 +255,8 @@ def prune(run_dir, keep):
     """Keep the `keep` newest checkpoints; drop temporary files a killed writer left behind."""
     for p in list_checkpoints(run_dir)[keep:]:
         os.unlink(p)
-    for p in glob.glob(os.path.join(glob.escape(run_dir), TMP_PREFIX + "*.npz")):
+    leftovers = [p for ext in (".npz", ".json") for p in glob.glob(os.path.join(glob.escape(run_dir), TMP_PREFIX + "*" + ext))]
+    for p in leftovers:
         try:
             os.unlink(p)
         except FileNotFoundError:

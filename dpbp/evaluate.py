@@ -1,4 +1,5 @@
-"""python -m dpbp.evaluate: loss, accuracy and confusion matrix of trained parameters on a data set.
+"""python -m dpbp.evaluate: loss, accuracy and confusion matrix (class labels) or RMSE, MAE and R² (other
+targets) of trained parameters on a data set.
 
     python -m dpbp.evaluate --params runs/digits-X/final.npz              # the run's held-out set
     mpirun -n 4 python -m dpbp.evaluate --params RUN/ckpt-00000200.npz --data t10k-images-idx3-ubyte.gz \\
@@ -33,9 +34,11 @@ EVAL_CHUNK = 256
 
 
 def evaluate(model, data, comm, confusion=None):
-    """Collective: (loss sum, correct, count) over data, split across ranks by fixed chunks and combined in
-    chunk order, so the figures are the same bit for bit whatever the number of ranks.
+    """Collective: (loss sum, correct, count, sums) over data, split across ranks by fixed chunks and
+    combined in chunk order, so the figures are the same bit for bit whatever the number of ranks.
 
+    sums: for regression targets (no class labels) a (4, outputs) array of Σ(y - o)², Σ|y - o|, Σy, Σy²
+    over the samples, each entry summed exactly (math.fsum) over the chunks; None for class labels.
     confusion: an optional (classes, classes) int64 array; counts [true label, predicted class] are
     added to it, summed over ranks (exact, integers). Every rank must pass one or none.
     """
@@ -51,21 +54,47 @@ def evaluate(model, data, comm, confusion=None):
         correct = int(np.count_nonzero(predicted == labels)) if labels is not None else 0
         if confusion is not None and labels is not None:
             np.add.at(confusion, (labels, predicted), 1)
-        mine.append((E, correct))
+        mine.append((E, correct, None if labels is not None else regression_sums(out, t)))
     per_chunk = [item for part in comm.allgather(mine) for item in part]
     if confusion is not None:
         comm.allreduce_sum_(confusion)
-    loss_sum = math.fsum(e for e, _ in per_chunk) if per_chunk else 0.0
-    return loss_sum, sum(c for _, c in per_chunk), len(data)
+    loss_sum = math.fsum(e for e, _, _ in per_chunk) if per_chunk else 0.0
+    sums = None
+    if data.labels is None and per_chunk:
+        table = np.stack([s for _, _, s in per_chunk])  # (chunks, 4, outputs)
+        sums = np.array([[math.fsum(table[:, i, k]) for k in range(table.shape[2])] for i in range(4)])
+    return loss_sum, sum(c for _, c, _ in per_chunk), len(data), sums
+
+
+def regression_sums(out, t):
+    """(4, outputs) float64 for one chunk: Σ(y - o)², Σ|y - o|, Σy, Σy² over its rows (y = t, o = out)."""
+    y, o = np.asarray(t, np.float64), np.asarray(out, np.float64)
+    e = y - o
+    return np.stack([np.square(e).sum(axis=0), np.abs(e).sum(axis=0), y.sum(axis=0), np.square(y).sum(axis=0)])
+
+
+def regression_metrics(sums, n):
+    """{"rmse", "mae", "r2"} from the (4, K) sums over n samples, each the mean over the K outputs of
+    the output's own figure (scikit-learn's multioutput="uniform_average"):
+        rmse_k = sqrt(Σ(y - o)² / n),  mae_k = Σ|y - o| / n,  r2_k = 1 - Σ(y - o)² / (Σy² - (Σy)² / n).
+    An output whose targets are constant has r2_k = 1 if it is fitted exactly, else 0 (as scikit-learn)."""
+    sse, sae, sy, syy = sums
+    sst = np.maximum(syy - sy * sy / n, 0.0)
+    safe = np.where(sst > 0, sst, 1.0)
+    r2 = np.where(sst > 0, 1.0 - sse / safe, np.where(sse == 0, 1.0, 0.0))
+    return {"rmse": float(np.mean(np.sqrt(sse / n))), "mae": float(np.mean(sae / n)), "r2": float(np.mean(r2))}
 
 
 def held_out(model, cfg, data, comm, confusion=None):
-    """Collective: {"loss", "accuracy" for labels} on data: the data term (/count for mean) + the l2
-    penalty, as the training loss is reported."""
-    loss_sum, correct, count = evaluate(model, data, comm, confusion)
+    """Collective: {"loss", "accuracy" for labels, "rmse", "mae", "r2" for regression targets} on data:
+    the loss is the data term (/count for mean) + the l2 penalty, as the training loss is reported; the
+    regression figures compare the outputs with the targets alone (no penalty)."""
+    loss_sum, correct, count, sums = evaluate(model, data, comm, confusion)
     rec = {"loss": loss_sum / batch_divisor(cfg["loss.reduction"], count) + l2_penalty(model.weights, cfg["loss.l2"])}
     if data.labels is not None:
         rec["accuracy"] = correct / count
+    elif sums is not None:
+        rec.update(regression_metrics(sums, count))
     return rec
 
 
@@ -160,6 +189,9 @@ def main(argv, comm):
     if confusion is not None:
         lines.append(f"accuracy {rec['accuracy']:.4f} ({int(np.trace(confusion))} of {len(data)})")
         lines += confusion_lines(confusion, data.classes or ())
+    if "rmse" in rec:
+        lines.append(f"rmse {rec['rmse']:.6g} mae {rec['mae']:.6g} r2 {rec['r2']:.6g} (the outputs against the "
+                     f"targets, no penalty; the mean over the {model.sizes[-1]} output(s))")
     say(comm, "\n".join(lines))
     return 0
 

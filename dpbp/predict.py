@@ -117,7 +117,7 @@ def main(argv, comm):
         standardize = comm.agreed(stats.saved, args.params, model.sizes[0])
         if standardize is None:
             raise UserError(f"data.standardize = true but {args.params} holds no standardize statistics "
-                            f"(standardize.mean, standardize.std) to apply to {args.data}")
+                            f"(in its companion .json, or standardize.* arrays) to apply to {args.data}")
     data, _ = load_data(cfg, comm, need_targets=False, standardize=standardize)
     f = open_output(args.out, comm)
     emit = row_writer(f, model, cfg["data.classes"])

@@ -133,6 +133,8 @@ class Progress:
         val = self.last_val
         if val is not None and "accuracy" in val:
             parts.append(f"val_acc {val['accuracy']:.3f}")
+        if val is not None and "rmse" in val:
+            parts.append(f"val_rmse {val['rmse']:.4g} val_r2 {val['r2']:.3f}")
         if rec is not None:
             rate = rec["samples_per_s"]
             rate = f"{rate / 1000:.0f}k" if rate >= 10000 else f"{rate:.0f}"
@@ -157,6 +159,7 @@ class Progress:
         if val_rec is not None:
             text += f" | val_loss {val_rec['loss']:.6g}" + (f" val_accuracy {val_rec['accuracy']:.4f}"
                                                             if "accuracy" in val_rec else "")
+            text += regression_text(val_rec, "val_")
         if val_rec is not None and val_rec.get("best_step", -1) >= 0:
             text += f" | best val_loss {val_rec['best_loss']:.6g} at step {val_rec['best_step']} (best.npz)"
         self.say(f"{text} | parameters in {final}", always=True)
@@ -224,8 +227,16 @@ def format_step(rec, reduced=True):
 
 
 def format_eval(rec):
+    """One held-out line: the loss (with the l2 penalty), then accuracy or RMSE, MAE and R² (without it)."""
     acc = f" accuracy {rec['accuracy']:.4f}" if "accuracy" in rec else ""
-    return f"eval step {rec['step']} epoch {rec['epoch']} val_loss {rec['loss']:.6g}{acc}"
+    return f"eval step {rec['step']} epoch {rec['epoch']} val_loss {rec['loss']:.6g}{acc}{regression_text(rec)}"
+
+
+def regression_text(rec, prefix=""):
+    """" rmse R mae M r2 Q" of a held-out record with regression figures, else ""."""
+    if "rmse" not in rec:
+        return ""
+    return f" {prefix}rmse {rec['rmse']:.6g} {prefix}mae {rec['mae']:.6g} {prefix}r2 {rec['r2']:.4f}"
 
 
 # ---------------------------------------------------------------- the header

@@ -196,10 +196,23 @@ def standardize_arrays(data):
 
 
 def save_final(run_dir, model, step, data, name="final.npz"):
-    """Rank 0: final.npz (or best.npz, the same format), atomically."""
+    """Rank 0: final.npz (or best.npz) holding only the layers' arrays, and its description final.json
+    (best.json), each atomically (checkpoint.save_parameters)."""
     path = os.path.join(run_dir, name)
-    ckpt.save(path, {**params_dict(model), **standardize_arrays(data)}, {"step": step, "dpbp": __version__})
+    ckpt.save_parameters(path, params_dict(model), parameters_meta(model, step, data))
     return path
+
+
+def parameters_meta(model, step, data):
+    """What a parameters file needs beside its arrays to be used alone (export, PyTorch): the network's
+    shape and activations, the class names, the standardize statistics (mean, std: (features,) as
+    lists of floats, which JSON keeps exactly), the step."""
+    standardize = None if data.standardize is None else {
+        "mean": data.standardize.mean.tolist(), "std": data.standardize.std.tolist()}
+    return {"dpbp": __version__, "step": step, "sizes": list(model.sizes), "activation": model.activation,
+            "output": model.output, "loss": model.loss_kind, "dtype": model.dtype.name, "classes": list(data.classes or []) or None,
+            "standardize": standardize,
+            "layers": "layers.{k}.weight (out, in) and layers.{k}.bias (out,): out = f(x @ weight.T + bias)"}
 
 
 @dataclass

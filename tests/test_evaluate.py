@@ -6,6 +6,7 @@ softmax output, mean cross-entropy + lambda/2 sum ||W||^2), run on the saved par
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -221,8 +222,8 @@ def test_standardized_runs_predict_with_the_saved_statistics(run_cli, tmp_path):
               "--set", "data.shuffle=false", "--quiet"]  # unshuffled: the first 150 rows train
     run_cli("train", *common, "--set", f"data.path='{tmp_path / 'train.npz'}'", "--out", tmp_path / "run",
             ranks=2, check=True)
-    with np.load(tmp_path / "run/final.npz") as f:
-        saved = {k: f[k] for k in ("standardize.mean", "standardize.std")}
+    with open(tmp_path / "run/final.json") as f:  # the parameters file's description holds them
+        saved = {f"standardize.{k}": np.array(v) for k, v in json.load(f)["standardize"].items()}
     mean, std = x[:150].mean(axis=0), x[:150].std(axis=0)
     np.testing.assert_allclose(saved["standardize.mean"], mean, rtol=1e-13)
     np.testing.assert_allclose(saved["standardize.std"], std, rtol=1e-12)

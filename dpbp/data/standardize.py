@@ -13,9 +13,11 @@ scikit-learn's StandardScaler.
 A feature with standard deviation 0 (a constant column) gets divisor 1: it becomes 0 everywhere
 instead of NaN.
 
-The statistics travel with a run as two arrays (``to_arrays``/``from_arrays``):
+The statistics travel with a run as two arrays (``to_arrays``/``from_arrays``) inside its checkpoints
+(and inside the parameters files of dpbp 0.1):
     standardize.mean  (features,) float64   subtracted from every input row
     standardize.std   (features,) float64   then divided by: the standard deviation, 1 where it is 0
+and in a parameters file's companion JSON (final.json) as "standardize": {"mean": [...], "std": [...]}.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpbp.checkpoint import read_companion
 from dpbp.data.rows import Scaled
 from dpbp.errors import UserError
 from dpbp.partition import chunk_pieces
@@ -108,11 +111,18 @@ def compute(x, comm=None):
 
 
 def saved(path, features):
-    """The Standardize saved in the .npz at `path` (a run's final.npz or checkpoint, whose checksum the
-    parameters' loader has verified), or None if it holds none."""
+    """The Standardize saved with the parameters at `path`, or None if there is none: the arrays in a
+    checkpoint (or a dpbp 0.1 final.npz), else the companion JSON of a parameters file (whose checksum
+    the parameters' loader has verified)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in (MEAN_KEY, STD_KEY) if k in f.files}
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"{path}: cannot read its standardize statistics ({e})") from None
+    if not arrays:
+        described = (read_companion(path) or {}).get("standardize")
+        if isinstance(described, dict):
+            arrays = {MEAN_KEY: described.get("mean"), STD_KEY: described.get("std")}
+        elif described is not None:
+            raise UserError(f"{path}: the standardize statistics in its description are damaged")
     return Standardize.from_arrays(arrays, path, features)
