@@ -57,10 +57,10 @@ def main():
 
     def forward():
         counter["step"] += 1  # a new mask every time, as in training
-        dropout_forward(out, P, 1, counter["step"], positions, 1, mask, work)
+        dropout_forward(out, P, 1, counter["step"], positions, 1, mask, work, x=x)
 
     rows = {"step": trainer_step(), "GEMM": lambda: np.matmul(x, W.T, out=net),
-            "dropout fwd": forward, "dropout bwd": lambda: dropout_backward(delta, mask, P)}
+            "dropout fwd": forward, "dropout bwd": lambda: dropout_backward(delta, mask)}
     times = {k: [] for k in rows}
     for f in rows.values():
         f()  # warm up
