@@ -17,7 +17,7 @@ from dpbp.model import initial_params
 OPTIMS = {"sgd": ["optim.kind='sgd'", "optim.momentum=0.0"], "momentum": ["optim.kind='sgd'"],
           "nesterov": ["optim.kind='sgd'", "optim.nesterov=true"], "adam": ["optim.kind='adam'", "optim.lr=0.01"],
           "adamw": ["optim.kind='adamw'", "optim.lr=0.01", "optim.weight_decay=0.1"]}
-FEATURES = ["model.dropout=0.2", "data.micro_batch=3", "optim.clip_norm=0.3", "optim.schedule='cosine'",
+FEATURES = ["model.dropout=0.2", "optim.clip_norm=0.3", "optim.schedule='cosine'",
             "optim.warmup_steps=2", "optim.min_lr=0.001", "train.steps=6"]
 
 
@@ -33,10 +33,11 @@ def train(comm, sets):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("micro", [0, 3])
 @pytest.mark.parametrize("optim", OPTIMS)
-def test_features_on_p_ranks_are_bitwise_one_process_in_reproducible_mode(optim):
+def test_features_on_p_ranks_are_bitwise_one_process_in_reproducible_mode(optim, micro):
     comm = get_comm()
-    sets = [*FEATURES, *OPTIMS[optim], "comm.reduce='reproducible'", "comm.chunk=4"]
+    sets = [*FEATURES, *OPTIMS[optim], f"data.micro_batch={micro}", "comm.reduce='reproducible'", "comm.chunk=4"]
     got, lrs = train(comm, sets)
     expected, expected_lrs = train(SerialComm(), sets)
     assert got.tobytes() == expected.tobytes()
@@ -45,10 +46,13 @@ def test_features_on_p_ranks_are_bitwise_one_process_in_reproducible_mode(optim)
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("micro", [0, 4])
 @pytest.mark.parametrize("optim", ["momentum", "adam"])
-def test_features_on_p_ranks_match_one_process_to_rounding_in_fast_mode(optim):
+def test_features_on_p_ranks_match_one_process_to_rounding_in_fast_mode(optim, micro):
+    """Fast mode's pieces are the ranks' shares: here a sample's mask would change with P if it depended on
+    its place in the share (or micro-batch) rather than in the global batch."""
     comm = get_comm()
-    sets = [*FEATURES, *OPTIMS[optim], "comm.reduce='fast'"]
+    sets = [*FEATURES, *OPTIMS[optim], f"data.micro_batch={micro}", "comm.reduce='fast'"]
     got, _ = train(comm, sets)
     expected, _ = train(SerialComm(), sets)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
