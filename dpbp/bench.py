@@ -15,7 +15,8 @@ Rows, per model spec and ranks x BLAS threads:
                 under mpirun); "vs torch" = torch step time / dpbp step time
 Under ``mpirun -n P`` also, per dpbp row: the time per step spent inside the gradient reduction's MPI
 calls during training (exposed, i.e. not overlapped with compute; it includes waiting for the slowest
-rank), the reducer's Allreduce timed alone between barriers, and a raw in-place MPI Allreduce of a
+rank), the reducer's Allreduce (with optim.shard: its reduce-scatter and the parameters' allgather) timed
+alone between barriers, and a raw in-place MPI Allreduce of a
 buffer of the same size and dtype; plus a "rank 0 alone" row (the other ranks sleep) with as many
 threads as the machine has cores, the single-process alternative to compare P ranks x 1 thread with.
 
@@ -128,9 +129,21 @@ class DpbpRow(Row):
         self.step_s.append(elapsed / self.steps)
         if self.raw is not None:
             self.note("exposed_comm_s", (trainer.comm_s - comm0 + self.exposed) / self.steps)
-            reducer_s, raw_s = self._alone(trainer.reducer.allreduce, lambda: self.comm.allreduce_sum_(self.raw))
+            reducer_s, raw_s = self._alone(self._reduction(), lambda: self.comm.allreduce_sum_(self.raw))
             self.note("reducer_alone_s", reducer_s)
             self.note("raw_allreduce_s", raw_s)
+
+    def _reduction(self):
+        """The step's own reduction, to time alone: the reducer's Allreduce, or with optim.shard what a sharded
+        step moves instead, the gradient reduce-scattered and the updated parameters allgathered."""
+        trainer = self.trainer
+        if not trainer.shard:
+            return trainer.reducer.allreduce
+
+        def reduce_scatter_allgather():
+            trainer.reducer.reduce_scatter(trainer.counts)
+            self.comm.allgather_(trainer.model.params, trainer.counts)  # every rank's slice: the same values
+        return reduce_scatter_allgather
 
     def _alone(self, *reductions, n=5):
         """Median seconds per call of each reduction, the calls alternating (so both see the same machine)

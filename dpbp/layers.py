@@ -52,7 +52,7 @@ def tanh(net, out):
 
 def tanh_prime_times(delta, out, scratch):
     """tanh'(net) = 1 - out^2."""
-    np.multiply(out, out, out=scratch)
+    np.square(out, out=scratch)  # out out, bitwise; NumPy's one-input loop is faster
     np.subtract(1.0, scratch, out=scratch)
     delta *= scratch
     return delta
@@ -205,73 +205,80 @@ def dropout_workspace(n, rows=DROPOUT_ROWS):
 
 
 @functools.lru_cache(maxsize=None)
-def _pair_offsets(pairs):
-    """(k + 1) G for k < pairs, read-only (shared by every call)."""
+def _pair_offsets(rows, pairs):
+    """(k + 1) G for k < pairs, repeated on `rows` rows (rows, pairs), read-only (shared by every call): adding
+    a column of row hashes to a whole array is a faster NumPy loop than broadcasting two vectors."""
     offsets = np.arange(1, pairs + 1, dtype=np.uint64) * np.uint64(_G)
-    offsets.flags.writeable = False
-    return offsets
+    tile = np.repeat(offsets[None, :], rows, axis=0)
+    tile.flags.writeable = False
+    return tile
 
 
 def _dropout_chunks(seed, step, positions, layer, n, work):
-    """Yield (a, bits) for consecutive row chunks: bits (c, n) uint32 = 2^32 u for positions[a:a + c]."""
+    """Yield (a, bits, spare) for consecutive row chunks: bits (c, n) uint32 = 2^32 u for positions[a:a + c];
+    spare: the workspace's other (c, n)-or-larger byte buffer, free until the next chunk."""
     if work is None:
         work = dropout_workspace(n)
     if work.dtype != np.uint64 or work.ndim != 3 or work.shape[0] != 2 or work.shape[2] != (n + 1) // 2:
         raise ValueError(f"work must be dropout_workspace({n}, rows), not {work.dtype} {work.shape}")
     key = _mix_int(_mix_int(_mix_int(seed + _G) + (step + 1) * _G) + (layer + 1) * _G)
-    offsets = _pair_offsets((n + 1) // 2)
+    chunk = work.shape[1]
+    offsets = _pair_offsets(chunk, (n + 1) // 2)
     rows = np.asarray(positions, np.int64).astype(np.uint64)  # (B,): small next to the layer
     rows += np.uint64(1)  # uint64 array arithmetic wraps mod 2^64 (silently, as the hash needs)
     rows *= np.uint64(_G)
     rows += np.uint64(key)
     rows = _mix_array(rows, np.empty_like(rows))
-    chunk = work.shape[1]
     for a in range(0, len(rows), chunk):
         c = min(chunk, len(rows) - a)
         z, tmp = work[0, :c], work[1, :c]
-        np.add(rows[a:a + c, None], offsets, out=z)
+        np.add(offsets[:c], rows[a:a + c, None], out=z)
         _mix_array(z, tmp)
-        yield a, z.view(np.uint32)[:, :n]
+        yield a, z.view(np.uint32)[:, :n], tmp.view(np.uint8)[:, :n].view(bool)
 
 
 def dropout_bits(seed, step, positions, layer, n):
     """(B, n) uint32 2^32 u_nj of the hash above for the samples at global-batch `positions` (B,): to inspect
     the stream (dropout_forward thresholds it chunk by chunk without materialising it)."""
     bits = np.empty((len(positions), n), np.uint32)
-    for a, chunk in _dropout_chunks(seed, step, positions, layer, n, None):
+    for a, chunk, _ in _dropout_chunks(seed, step, positions, layer, n, None):
         bits[a:a + len(chunk)] = chunk
     return bits
 
 
-def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None):
-    """Inverted dropout in place: out <- out (.) m / (1 - p), m_nj = 1 if u_nj >= p else 0 (see above).
+def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None, x=None):
+    """Inverted dropout: out <- x (.) s, s_nj = m_nj / (1 - p), m_nj = 1 if u_nj >= p else 0 (see above).
 
-    out: (B, n) activations of `layer` for the samples at global-batch `positions` (B,); p in [0, 1).
-    mask: (B, n) buffer in out's dtype that receives m (allocated if None); work: dropout_workspace(n).
-    Returns (out, mask). p = 0 leaves out untouched (mask all ones) and hashes nothing.
-    Dividing by 1 - p keeps each unit's expected output, so evaluation runs without dropout.
+    out: (B, n) activations of `layer` for the samples at global-batch `positions` (B,), or, when x (B, n) is
+    given, the buffer that receives x's dropped-out copy; p in [0, 1).
+    mask: (B, n) buffer in out's dtype that receives s, each unit's factor: 0 or 1 / (1 - p) (allocated if
+    None); work: dropout_workspace(n). Returns (out, mask). p = 0 copies x (mask all ones), hashing nothing.
+    x (.) s is bitwise (x (.) m) / (1 - p), since m is 0 or 1, in one pass. Dividing by 1 - p keeps each
+    unit's expected output, so evaluation runs without dropout.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), not {p}")
+    x = out if x is None else x
     if mask is None:
         mask = np.empty_like(out)
     if p == 0.0:
         mask[...] = 1.0
+        np.copyto(out, x)
         return out, mask
     # u >= p  <=>  bits >= p 2^32 (exact: a power-of-two scaling)  <=>  bits >= ceil(p 2^32)
     threshold = np.uint32(min(math.ceil(p * 2.0**32), 2**32 - 1))
     scale = 1.0 / (1.0 - p)
-    for a, bits in _dropout_chunks(seed, step, positions, layer, out.shape[1], work):
-        m, o = mask[a:a + len(bits)], out[a:a + len(bits)]  # chunk by chunk, while the chunk is in cache
-        np.greater_equal(bits, threshold, out=m)
-        o *= m
-        o *= scale
+    for a, bits, keep in _dropout_chunks(seed, step, positions, layer, out.shape[1], work):
+        rows = slice(a, a + len(bits))  # chunk by chunk, while the chunk is in cache
+        np.greater_equal(bits, threshold, out=keep)
+        s = mask[rows]
+        np.copyto(s, keep)  # m: 0 or 1
+        s *= scale  # s = m / (1 - p)
+        np.multiply(x[rows], s, out=out[rows])
     return out, mask
 
 
-def dropout_backward(delta, mask, p):
-    """delta <- delta (.) m / (1 - p): dE/d(out before dropout), given dE/d(out after) and forward's mask."""
+def dropout_backward(delta, mask):
+    """delta <- delta (.) s: dE/d(out before dropout), given dE/d(out after) and forward's mask s = m / (1 - p)."""
     delta *= mask
-    if p != 0.0:
-        delta *= 1.0 / (1.0 - p)
     return delta

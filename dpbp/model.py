@@ -196,9 +196,8 @@ class MLP:
             f[l](net, out=outs[l + 1])  # out^(l) = f(net^(l)), in place over net
             if self._drop is not None and l + 1 < self.n_layers:
                 d = self._drop
-                np.copyto(inputs[l + 1], outs[l + 1])
                 dropout_forward(inputs[l + 1], d.p, d.seed, d.step, d.positions, l, self._masks[l + 1],
-                                self._drop_work[l])
+                                self._drop_work[l], x=outs[l + 1])
         return outs[-1]
 
     def _inputs_after_dropout(self, rows):
@@ -244,6 +243,6 @@ class MLP:
                 ready(l)
             if l > 0:
                 if drop is not None:
-                    dropout_backward(dx, self._masks[l], drop.p)  # through m^(l) / (1 - p)
+                    dropout_backward(dx, self._masks[l])  # through s^(l) = m^(l) / (1 - p)
                 f_prime_times[l - 1](dx, outs[l], scratches[l])
         return E

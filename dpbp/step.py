@@ -59,7 +59,7 @@ class Trainer:
         self.reducer = make_reducer(cfg["comm.reduce"], comm, Layout(model.shapes), model.dtype,
                                     cfg["comm.chunk"], bucket_bytes)
         self.opt = build_optimizer(cfg, model.params, model.shapes, self.bounds)
-        self.comm_s = 0.0  # seconds inside the gradient Allreduce, accumulated
+        self.comm_s = 0.0  # seconds inside the gradient Allreduce (sharded: reduce-scatter + allgather), accumulated
         self.input_hook: Callable[[np.ndarray], None] | None = None
         self._micro = None  # a gradient buffer for micro-batches after a piece's first
         self._t = 0  # the update being computed: picks the dropout masks and the learning rate
@@ -190,7 +190,9 @@ class Trainer:
         lo, hi = self.bounds
         self.opt.step(self.grad[lo:hi], lr)
         if self.shard:  # every rank's updated slice to every rank: the same parameters everywhere
+            t0 = time.perf_counter()
             self.comm.allgather_(self.model.params, self.counts)
+            self.comm_s += time.perf_counter() - t0  # the second half of the sharded reduction
         loss = stats[LOSS] / batch_divisor(self.cfg["loss.reduction"], len(idx)) + penalty
         return StepStats(loss, stats[CORRECT], stats[STOP], len(idx), lr)
 

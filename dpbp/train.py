@@ -175,13 +175,13 @@ def train_loop(job, stop, faults):
         meter.add(stats.loss, stats.correct, stats.samples, stats.lr)
         progress.tick(step, stats.samples)
         last = step == job.steps
-        if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
-            check_replicas(comm, trainer.model, step, cfg)
-            return preempt(job, step, stop)
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
-            evaluate_and_keep_best(job, step, epoch)
+            evaluate_and_keep_best(job, step, epoch)  # before a preemption too: the resumed run will not redo it
+        if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
+            check_replicas(comm, trainer.model, step, cfg)
+            return preempt(job, step, stop)
         stopping = last or job.best.exhausted(patience)
         if due(cfg["train.checkpoint_every"], step) or stopping:
             check_replicas(comm, trainer.model, step, cfg)  # so no checkpoint holds a diverged replica

@@ -48,7 +48,8 @@ def test_mask_is_the_documented_hash_of_the_coordinates():
     positions = rng.permutation(1000)[:B]
     mask = mask_of(B, n, p, seed, step, layer, positions)
     for i, j in zip(rng.integers(0, B, 300), rng.integers(0, n, 300)):
-        assert mask[i, j] == (1.0 if reference_u(seed, step, int(positions[i]), layer, int(j)) >= p else 0.0)
+        kept = reference_u(seed, step, int(positions[i]), layer, int(j)) >= p
+        assert mask[i, j] == (1.0 / (1.0 - p) if kept else 0.0)
     bits = dropout_bits(seed, step, positions, layer, n)
     for i, j in [(0, 0), (0, 1), (B - 1, n - 1), (7, 20)]:
         assert bits[i, j] / 2.0 ** 32 == reference_u(seed, step, int(positions[i]), layer, j)
@@ -80,8 +81,8 @@ def test_any_workspace_and_a_given_mask_buffer_give_the_same_mask(rows):
     mask = np.empty((B, n))
     dropout_forward(out, 0.5, 3, 4, np.arange(B), 0, mask=mask, work=dropout_workspace(n, rows))
     expected = dropout_bits(3, 4, np.arange(B), 0, n) / 2.0 ** 32 >= 0.5
-    np.testing.assert_array_equal(mask, expected)
-    np.testing.assert_array_equal(out, mask * 2.0)
+    np.testing.assert_array_equal(mask, expected * 2.0)  # m / (1 - p)
+    np.testing.assert_array_equal(out, mask)  # out was all ones
     with pytest.raises(ValueError, match="work must be dropout_workspace"):
         dropout_forward(out, 0.5, 3, 4, np.arange(B), 0, work=dropout_workspace(n + 2, rows))
 
@@ -90,7 +91,7 @@ def test_any_workspace_and_a_given_mask_buffer_give_the_same_mask(rows):
 def test_dropped_fraction_is_p_within_the_binomial_spread(p):
     B, n = 256, 1024
     N = B * n
-    dropped = N - int(mask_of(B, n, p, seed=5, step=11, layer=1).sum())
+    dropped = int((mask_of(B, n, p, seed=5, step=11, layer=1) == 0).sum())
     sigma = math.sqrt(N * p * (1 - p))
     assert abs(dropped - N * p) < 6 * sigma  # fails with probability < 2e-9 for a true Binomial(N, p)
 
@@ -120,10 +121,12 @@ def test_kept_units_are_scaled_by_one_over_one_minus_p_and_dropped_ones_are_zero
     out = x.copy()
     _, mask = dropout_forward(out, 0.25, 2, 0, np.arange(30), 0)
     assert mask.dtype == dtype and out.dtype == dtype
-    assert set(np.unique(mask)) == {0.0, 1.0}
-    kept = mask == 1.0
+    assert set(np.unique(mask)) == {0.0, dtype(1 / 0.75)}
+    kept = mask != 0.0
     np.testing.assert_allclose(out[kept], x[kept] / 0.75, rtol=1e-6 if dtype == np.float32 else 1e-15)
     assert (out[~kept] == 0).all()
+    # the single multiply by m / (1 - p) is bitwise the two steps x m, then / (1 - p) as a factor
+    np.testing.assert_array_equal(out, (x * (mask != 0).astype(dtype)) * dtype(1 / 0.75))
 
 
 def test_p_zero_is_the_identity():
@@ -133,7 +136,7 @@ def test_p_zero_is_the_identity():
     np.testing.assert_array_equal(out, x)
     np.testing.assert_array_equal(mask, np.ones_like(x))
     delta = x.copy()
-    np.testing.assert_array_equal(dropout_backward(delta, mask, 0.0), x)
+    np.testing.assert_array_equal(dropout_backward(delta, mask), x)
 
 
 def test_backward_equals_finite_differences_of_forward_with_the_mask_fixed():
@@ -147,7 +150,7 @@ def test_backward_equals_finite_differences_of_forward_with_the_mask_fixed():
         out, _ = dropout_forward(x.copy(), p, 4, 5, pos, 1)
         return float(np.sum(c * out))
     _, mask = dropout_forward(x.copy(), p, 4, 5, pos, 1)
-    assert 0 < mask.sum() < mask.size
+    assert 0 < np.count_nonzero(mask) < mask.size
     h = 1e-6
     numeric = np.zeros_like(x)
     for i in range(B):
@@ -155,7 +158,7 @@ def test_backward_equals_finite_differences_of_forward_with_the_mask_fixed():
             e = np.zeros_like(x)
             e[i, j] = h
             numeric[i, j] = (E(x + e) - E(x - e)) / (2 * h)
-    np.testing.assert_allclose(dropout_backward(c.copy(), mask, p), numeric, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(dropout_backward(c.copy(), mask), numeric, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])

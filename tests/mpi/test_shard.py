@@ -1,6 +1,6 @@
 """Under mpirun (any P): optim.shard (ZeRO-1) against the unsharded run, bitwise, and its state sizes.
 
-The model has 8 whole BLOCKs plus a part (n_params = 1,110,110), so shards are uneven at P = 3 and 4.
+The model has 8 whole BLOCKs plus a part (n_params = 1,112,010), so shards are uneven at P = 3 and 4.
 The expectation is an unsharded Trainer (the whole-buffer optimizer) on the same ranks.
 """
 
