@@ -27,6 +27,7 @@ from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.progress import Meter, Progress
 from dpbp.step import Trainer, check_memory
+from dpbp.watchdog import Watchdog, long_phase
 
 
 def build_parser():
@@ -81,6 +82,7 @@ class Job:
     step: int = 0  # the step reached
     stopped_early: bool = False
     status: int = 0  # the exit status: 0, EXIT_PREEMPTED, or EXIT_INTERRUPTED (Ctrl-C, after a checkpoint)
+    watch: object = None  # the watchdog's comm.Deadline (None: unwatched), for the step and the long phases
 
 
 def total_steps(cfg, n_train):
@@ -106,11 +108,14 @@ def run_config(args, place):
     return load_config(config_path, args.set)
 
 
-def setup(args, comm):
-    """Everything before the first step; every failure here is the same on every rank."""
+def setup(args, comm, watch=None):
+    """Everything before the first step; every failure here is the same on every rank. watch: a
+    Watchdog to start once the config (comm.timeout) is known, as watch(cfg)."""
     check_world_size(comm)
     place = runs.place_of(args, comm)  # collective: a bad --resume/--out fails here, before any work
     cfg = with_absolute_paths(run_config(args, place))  # stored so: the run directory works from anywhere
+    if watch is not None:
+        watch(cfg)
     # collective: ranks agree on bad data, scan it in shares
     train_data, val_data = load_data(cfg, comm, arrays=args.arrays)
     if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
@@ -139,7 +144,8 @@ def setup(args, comm):
     for text in train_data.warnings:
         progress.warn(text)
     warn_idle_ranks(cfg, len(train_data), comm.size, progress)
-    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start)
+    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start,
+               watch=comm.deadline)
 
 
 def warn_idle_ranks(cfg, n_train, P, progress):
@@ -165,11 +171,18 @@ def train_loop(job, stop, faults):
     n, B = len(trainer.data), cfg["data.batch_size"]
     meter = Meter(trainer.data.labels is not None)
     step, patience = job.start, cfg["train.early_stop_patience"]
+    watch = job.watch
+    if watch is not None:
+        watch.phase = "the first step"  # page faults, connections, cold caches: legitimately long
     while step < job.steps and not job.best.exhausted(patience):
         idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
+        if watch is not None:
+            watch.step = step + 1
         if faults is not None:
             faults.before_step(step, trainer)
         stats = trainer.step(idx, stop.flag, step)
+        if watch is not None:
+            watch.phase = None
         check_finite(trainer, stats.loss, step, job.run_dir)
         step = job.step = step + 1
         meter.add(stats.loss, stats.correct, stats.samples, stats.lr)
@@ -178,14 +191,18 @@ def train_loop(job, stop, faults):
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
-            evaluate_and_keep_best(job, step, epoch)  # before a preemption too: the resumed run will not redo it
+            with long_phase(watch, "a held-out evaluation"):
+                evaluate_and_keep_best(job, step, epoch)  # before a preemption too: the resumed run will not redo it
         if stats.stop > 0 and not last:  # at the last step, finishing is quicker than a requeue
             check_replicas(comm, trainer.model, step, cfg)
             return preempt(job, step, stop)
         stopping = last or job.best.exhausted(patience)
         if due(cfg["train.checkpoint_every"], step) or stopping:
             check_replicas(comm, trainer.model, step, cfg)  # so no checkpoint holds a diverged replica
-            runs.save_checkpoint(comm, trainer, job.run_dir, step, job.best)
+            with long_phase(watch, "writing a checkpoint"):
+                if faults is not None:
+                    faults.before_save()
+                runs.save_checkpoint(comm, trainer, job.run_dir, step, job.best)
         elif due(cfg["train.check_replicas_every"], step):
             check_replicas(comm, trainer.model, step, cfg)
     job.stopped_early = job.best.exhausted(patience)
@@ -207,7 +224,8 @@ def preempt(job, step, stop):
     """A signal asked some rank to stop: checkpoint, then every rank exits; EXIT_INTERRUPTED if some rank
     got a Ctrl-C (the user stopped it: not for a requeue), else EXIT_PREEMPTED (run me again)."""
     comm = job.trainer.comm
-    runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
+    with long_phase(job.watch, "writing a checkpoint"):
+        runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
     # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on the first
     # non-zero exit (Slurm's KillOnBadExit) must not cut the write short. The max is that barrier too.
     interrupted = np.array([float(stop.interrupted)])
@@ -225,42 +243,56 @@ def finish(job, wall):
     """final.npz (rank 0), a held-out evaluation at the last step if there was none, the summary."""
     step, comm = job.step, job.trainer.comm
     final = os.path.join(job.run_dir, "final.npz")
-    if comm.rank == 0:
-        runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data)
-    if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
-        job.val_rec = eval_record(job, step, None)
-        job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)
+    with long_phase(job.watch, "writing final.npz"):
+        if comm.rank == 0:
+            runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data)
+        if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
+            job.val_rec = eval_record(job, step, None)
+            job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)
     if job.stopped_early:
         job.progress.say(f"early stop at step {step}: {job.cfg['train.early_stop_patience']} held-out "
                          f"evaluations without a new best loss")
     job.progress.summary(step - job.start, step, wall, job.val_rec, final)
 
 
-def train(request, comm):
+def train(request, comm, finalize=False):
     """Train as the request says (collective); returns the Job, its status 0, EXIT_PREEMPTED or
-    EXIT_INTERRUPTED."""
+    EXIT_INTERRUPTED.
+
+    A watchdog (dpbp/watchdog.py) watches every collective from the config on; finalize (the command):
+    MPI_Finalize while it still watches, since a lost rank would hold MPI_Finalize at exit for ever."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
+    started = []  # the watchdog that setup starts once comm.timeout is known (None: unwatched)
     try:
         faults = FaultInjector.from_env(comm.rank)
-        job = setup(request, comm)
-        t0 = time.perf_counter()
-        try:
-            status = train_loop(job, stop, faults)
-        finally:
-            job.progress.close()
-        if status is not None:
-            job.status = status
-            return job
-        finish(job, time.perf_counter() - t0)
+        job = setup(request, comm, lambda cfg: started.append(Watchdog.start(comm, cfg["comm.timeout"], "dpbp.train")))
+        job.status = run_job(job, stop, faults)
+        if finalize:
+            comm.finalize()
         return job
     finally:
+        for dog in filter(None, started):
+            dog.stop()
         stop.restore()
+
+
+def run_job(job, stop, faults):
+    """The loop and the end of the run; returns the exit status (0, EXIT_PREEMPTED or EXIT_INTERRUPTED)."""
+    t0 = time.perf_counter()
+    try:
+        status = train_loop(job, stop, faults)
+    finally:
+        job.progress.close()
+    if status is not None:
+        return status
+    finish(job, time.perf_counter() - t0)
+    return 0
 
 
 def main(argv, comm):
     """The command: its options are a Request (dpbp.fit builds the same from its arguments)."""
     args = parse_args(build_parser(), argv, comm)
-    return train(Request(**vars(args)), comm).status
+    return train(Request(**vars(args)), comm, finalize=True).status
 
 
 def eval_record(job, step, epoch):
