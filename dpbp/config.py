@@ -183,6 +183,11 @@ SCHEMA: tuple[Option, ...] = (
            "this many MB, last layer first, when the gradient makes two or more (else, and with 0: one "
            "Allreduce after backward).", check=_non_negative,
            allowed=">= 0", trajectory=False),
+    Option("comm.timeout", 60.0, float,
+           "Seconds after which a rank waiting in MPI gives up on a rank that stopped answering (stalled, dead, "
+           "cut off) or stopped coming (busy for longer; 10 times this in start-up, the first step, an "
+           "evaluation or a checkpoint write): every rank exits with status 4 and one message names it "
+           "(0: wait for ever).", check=_non_negative, allowed=">= 0", trajectory=False),
 )
 
 OPTIONS: dict[str, Option] = {o.key: o for o in SCHEMA}

@@ -18,7 +18,7 @@ EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected exception on some rank: the job is aborted
 EXIT_USAGE = 2  # bad config, data, checkpoint or command line
 EXIT_FAULT = 3  # numerical or replica fault; the newest checkpoint is still the last good one
-EXIT_PEER_LOST = 76  # provisional (branch hosts), until the watchdog's branch defines it: a peer stopped answering
+EXIT_PEER_LOST = 4  # a rank stopped answering (stalled, dead, cut off) for comm.timeout: dpbp/watchdog.py
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it; no checkpoint is written
 

@@ -19,7 +19,11 @@ before global step STEP (counting from 0) is computed:
              it), so the reduced gradient is NaN
     perturb  add 1e-3 to this rank's first parameter (a silent replica divergence)
     term     send SIGTERM to this process (as a scheduler would)
+    stall    sleep DPBP_STALL_S seconds (default 3600): alive and answering, but not coming (a hung
+             file system); the watchdog (dpbp/watchdog.py) must end the attempt
 DPBP_STEP_SLEEP=SECONDS sleeps before every step (widens the windows that tests aim signals at).
+DPBP_SAVE_SLEEP=SECONDS makes rank 0 sleep before every checkpoint write (a slow file system: the other
+ranks wait for it in their next collective, a legitimately long wait the watchdog must not end).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import zlib
 from dpbp.comm import rank_list
 from dpbp.errors import UserError
 
-FAULTS = ("raise", "usererror", "kill", "nan", "perturb", "term")
+FAULTS = ("raise", "usererror", "kill", "nan", "perturb", "term", "stall")
 
 
 class StopRequest:
@@ -75,6 +79,15 @@ def replica_mismatch(comm, params):
 # ---------------------------------------------------------------- fault injection (tests)
 
 
+def seconds(environ, name, default):
+    """A number of seconds from the environment variable `name` (unset or empty: default)."""
+    value = environ.get(name, "")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise UserError(f"{name}={value!r} is not a number of seconds") from None
+
+
 def parse_faults(spec):
     """[(what, rank, step)] from a DPBP_FAULT value; UserError if malformed."""
     faults = []
@@ -91,18 +104,21 @@ class FaultInjector:
     """Carries out DPBP_FAULT on this rank. ``from_env`` gives None when it (and DPBP_STEP_SLEEP) is unset,
     so the training loop pays one test of None per step and nothing else."""
 
-    def __init__(self, faults, sleep):
+    def __init__(self, faults, sleep, save_sleep=0.0, stall=3600.0):
         self.faults, self.sleep = faults, sleep  # {(step, what)} for this rank; seconds before each step
+        self.save_sleep, self.stall = save_sleep, stall  # seconds before a checkpoint write; of a stall
 
     @classmethod
     def from_env(cls, rank, environ=os.environ):
         faults = {(s, w) for w, r, s in parse_faults(environ.get("DPBP_FAULT", "")) if r == rank}
-        sleep = environ.get("DPBP_STEP_SLEEP", "")
-        try:
-            sleep = float(sleep) if sleep else 0.0
-        except ValueError:
-            raise UserError(f"DPBP_STEP_SLEEP={sleep!r} is not a number of seconds") from None
-        return cls(faults, sleep) if faults or sleep else None
+        sleep, save_sleep, stall = (seconds(environ, name, default) for name, default in
+                                    (("DPBP_STEP_SLEEP", 0.0), ("DPBP_SAVE_SLEEP", 0.0), ("DPBP_STALL_S", 3600.0)))
+        save_sleep = save_sleep if rank == 0 else 0.0
+        return cls(faults, sleep, save_sleep, stall) if faults or sleep or save_sleep else None
+
+    def before_save(self):
+        if self.save_sleep:
+            time.sleep(self.save_sleep)
 
     def before_step(self, step, trainer):
         if self.sleep:
@@ -111,9 +127,10 @@ class FaultInjector:
             if (step, what) in self.faults:
                 self._do(what, step, trainer)
 
-    @staticmethod
-    def _do(what, step, trainer):
-        if what == "kill":
+    def _do(self, what, step, trainer):
+        if what == "stall":
+            time.sleep(self.stall)
+        elif what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif what == "term":
             os.kill(os.getpid(), signal.SIGTERM)

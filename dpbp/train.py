@@ -25,6 +25,7 @@ from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.progress import Meter, Progress
 from dpbp.step import Trainer, check_memory
+from dpbp.watchdog import Watchdog, long_phase
 
 
 def build_parser():
@@ -74,6 +75,7 @@ class Job:
     step: int = 0  # the step reached
     stopped_early: bool = False
     status: int = 0  # the exit status: 0, or EXIT_PREEMPTED
+    watch: object = None  # the watchdog's comm.Deadline (None: unwatched), for the step and the long phases
 
 
 def total_steps(cfg, n_train):
@@ -99,10 +101,13 @@ def run_config(args):
     return load_config(config_path, args.set)
 
 
-def setup(args, comm):
-    """Everything before the first step; every failure here is the same on every rank."""
+def setup(args, comm, watch=None):
+    """Everything before the first step; every failure here is the same on every rank. watch: a
+    Watchdog to start once the config (comm.timeout) is known, as watch(cfg)."""
     check_world_size(comm)
     cfg = run_config(args)
+    if watch is not None:
+        watch(cfg)
     # collective: ranks agree on bad data, scan it in shares
     train_data, val_data = load_data(cfg, comm, arrays=args.arrays)
     if train_data.classes:  # the run keeps its class names: evaluate and predict read them from config.toml
@@ -131,7 +136,8 @@ def setup(args, comm):
     for text in train_data.warnings:
         progress.warn(text)
     warn_idle_ranks(cfg, len(train_data), comm.size, progress)
-    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start)
+    return Job(cfg, trainer, val_data, run_dir, steps, start, progress, args.verbose, best, step=start,
+               watch=comm.deadline)
 
 
 def warn_idle_ranks(cfg, n_train, P, progress):
@@ -157,11 +163,18 @@ def train_loop(job, stop, faults):
     n, B = len(trainer.data), cfg["data.batch_size"]
     meter = Meter(trainer.data.labels is not None)
     step, patience = job.start, cfg["train.early_stop_patience"]
+    watch = job.watch
+    if watch is not None:
+        watch.phase = "the first step"  # page faults, connections, cold caches: legitimately long
     while step < job.steps and not job.best.exhausted(patience):
         idx, epoch = batch_indices(n, B, cfg["seed"], step, cfg["data.shuffle"], cfg["data.drop_last"])
+        if watch is not None:
+            watch.step = step + 1
         if faults is not None:
             faults.before_step(step, trainer)
         stats = trainer.step(idx, stop.flag, step)
+        if watch is not None:
+            watch.phase = None
         check_finite(trainer, stats.loss, step, job.run_dir)
         step = job.step = step + 1
         meter.add(stats.loss, stats.correct, stats.samples, stats.lr)
@@ -173,11 +186,15 @@ def train_loop(job, stop, faults):
         if due(cfg["train.log_every"], step) or last or job.verbose:
             progress.record(meter.record(step, epoch, trainer.comm_s))
         if job.val_data is not None and (due(cfg["train.eval_every"], step) or last):
-            evaluate_and_keep_best(job, step, epoch)
+            with long_phase(watch, "a held-out evaluation"):
+                evaluate_and_keep_best(job, step, epoch)
         stopping = last or job.best.exhausted(patience)
         if due(cfg["train.checkpoint_every"], step) or stopping:
             check_replicas(comm, trainer.model, step, cfg)  # so no checkpoint holds a diverged replica
-            runs.save_checkpoint(comm, trainer, job.run_dir, step, job.best)
+            with long_phase(watch, "writing a checkpoint"):
+                if faults is not None:
+                    faults.before_save()
+                runs.save_checkpoint(comm, trainer, job.run_dir, step, job.best)
         elif due(cfg["train.check_replicas_every"], step):
             check_replicas(comm, trainer.model, step, cfg)
     job.stopped_early = job.best.exhausted(patience)
@@ -198,7 +215,8 @@ def evaluate_and_keep_best(job, step, epoch):
 def preempt(job, step):
     """A signal asked some rank to stop: checkpoint, then every rank exits for a requeue."""
     comm = job.trainer.comm
-    runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
+    with long_phase(job.watch, "writing a checkpoint"):
+        runs.save_checkpoint(comm, job.trainer, job.run_dir, step, job.best)
     # No rank exits before rank 0's checkpoint is on disk: a launcher that kills the job on the first
     # non-zero exit (Slurm's KillOnBadExit) must not cut the write short.
     comm.barrier()
@@ -211,38 +229,54 @@ def finish(job, wall):
     """final.npz (rank 0), a held-out evaluation at the last step if there was none, the summary."""
     step, comm = job.step, job.trainer.comm
     final = os.path.join(job.run_dir, "final.npz")
-    if comm.rank == 0:
-        runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data)
-    if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
-        job.val_rec = eval_record(job, step, None)
-        job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)
+    with long_phase(job.watch, "writing final.npz"):
+        if comm.rank == 0:
+            runs.save_final(job.run_dir, job.trainer.model, step, job.trainer.data)
+        if job.val_data is not None and (job.val_rec is None or job.val_rec["step"] != step):  # e.g. resumed at the end
+            job.val_rec = eval_record(job, step, None)
+            job.val_rec.update(best_step=job.best.step, best_loss=job.best.loss)
     if job.stopped_early:
         job.progress.say(f"early stop at step {step}: {job.cfg['train.early_stop_patience']} held-out "
                          f"evaluations without a new best loss")
     job.progress.summary(step - job.start, step, wall, job.val_rec, final)
 
 
-def train(request, comm):
-    """Train as the request says (collective); returns the Job, its status 0 or EXIT_PREEMPTED."""
+def train(request, comm, finalize=False):
+    """Train as the request says (collective); returns the Job, its status 0 or EXIT_PREEMPTED.
+
+    A watchdog (dpbp/watchdog.py) watches every collective from the config on; finalize (the command):
+    MPI_Finalize while it still watches, since a lost rank would hold MPI_Finalize at exit for ever."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
     faults = FaultInjector.from_env(comm.rank)
-    job = setup(request, comm)
+    dogs = []
+    try:
+        job = setup(request, comm, lambda cfg: dogs.append(Watchdog.start(comm, cfg["comm.timeout"], "dpbp.train")))
+        job.status = run_job(job, stop, faults)
+        if finalize:
+            comm.finalize()
+        return job
+    finally:
+        if dogs and dogs[0] is not None:
+            dogs[0].stop()
+
+
+def run_job(job, stop, faults):
+    """The loop and the end of the run; returns the exit status (0 or EXIT_PREEMPTED)."""
     t0 = time.perf_counter()
     try:
         status = train_loop(job, stop, faults)
     finally:
         job.progress.close()
     if status is not None:
-        job.status = status
-        return job
+        return status
     finish(job, time.perf_counter() - t0)
-    return job
+    return 0
 
 
 def main(argv, comm):
     """The command: its options are a Request (dpbp.fit builds the same from its arguments)."""
     args = parse_args(build_parser(), argv, comm)
-    return train(Request(**vars(args)), comm).status
+    return train(Request(**vars(args)), comm, finalize=True).status
 
 
 def eval_record(job, step, epoch):

@@ -28,7 +28,7 @@ FLOORS = {
     1: MATHS | {"data", "partition", "checkpoint", "config"},
     2: {"comm"},
     3: {"reduce"},
-    4: {"step", "runs", "progress", "faults", "cli"},
+    4: {"step", "runs", "progress", "faults", "cli", "watchdog"},
     5: {"__init__", "__main__", "train", "evaluate", "verify", "predict", "bench", "report", "launch", "export",
         "api"},
 }

@@ -1,0 +1,227 @@
+"""No hang, ever: a thread on every rank that ends the attempt when a peer stops answering.
+
+MPICH never reports a dead TCP peer, a stopped process or a cut link: the ranks that wait for it stay in
+their Allreduce for as long as anyone lets them. So every blocking call of dpbp's communicator is armed
+(``comm.Deadline``: a clock read and two stores before the call, two after; no lock, no wake-up), and one
+daemon thread per rank (mpi4py releases the GIL inside blocking MPI calls, so it runs while the main
+thread waits) looks at that slot every ``period`` seconds. With T = comm.timeout:
+
+    waited T/2 in one MPI call   ask every peer, over a UDP socket of the watchdogs' own (no MPI call
+                                 from this thread: MPI runs in MPI_THREAD_SINGLE), every ``period``;
+                                 each peer's watchdog answers at once with what its main thread does:
+                                 in which MPI call or busy, for how long, at which step, in which phase
+    a peer silent for T/2        lost (stopped, dead, or behind a cut link): the attempt ends at T
+    a peer busy for more than T  stuck (e.g. in a hung file system): it answers, but does not come;
+                                 10 T (``LONG``) when its phase is a legitimately long one: start-up,
+                                 the first step, a held-out evaluation, rank 0 writing a checkpoint
+    waited 10 T, all answering   every rank is in MPI and MPI delivers nothing: the attempt ends too
+
+Ending: the rank that decided tells every peer that answered (a "lost" datagram, sent twice); the lowest
+rank that answered and is not a culprit prints the one message, naming the ranks, their hosts and the
+step; every rank that hears it, and the one that decided, flushes and leaves with ``os._exit
+(EXIT_PEER_LOST)`` (never MPI_Finalize or atexit, which would wait for the lost rank). Ranks cut off on
+the far side of a split find the near side silent and end by themselves the same way. A checkpoint being
+written is a temporary file until its rename, so exiting mid-write leaves the newest checkpoint intact.
+
+The waits dpbp knows to be long do not fire: the waiting ranks ask, the busy rank answers with its phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+from dpbp.comm import Deadline, host_address, rank_list
+from dpbp.errors import EXIT_PEER_LOST
+
+LONG = 10  # legitimately long phases (and waits where every rank answers) may last LONG * comm.timeout
+
+
+class Watchdog:
+    """One rank's watchdog thread; ``start`` arms the communicator, ``stop`` disarms it."""
+
+    def __init__(self, comm, timeout, prog, sock, slot):
+        self.comm, self.rank, self.timeout, self.prog = comm, comm.rank, float(timeout), prog
+        self.sock, self.slot = sock, slot
+        self.period = min(1.0, max(0.05, self.timeout / 20))  # how often it looks, and asks
+        self.peers = {}  # rank -> (host, address, port), filled by start's allgather
+        self.heard = {}  # rank -> (monotonic time, its answer) since this wait began to ask
+        self.episode = None  # the `entered` time of the wait being asked about
+        self.asked_since = self.last_ask = 0.0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
+
+    @classmethod
+    def start(cls, comm, timeout, prog):
+        """Collective (one allgather of the watchdogs' addresses, itself watched). None when there is
+        nothing to watch: one rank, or timeout 0."""
+        if not timeout or comm.size == 1:
+            return None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
+        dog = cls(comm, timeout, prog, sock, Deadline())
+        dog.slot.phase = "start-up"
+        comm.deadline = dog.slot
+        dog.thread.start()
+        me = (socket.gethostname(), host_address() or "127.0.0.1", sock.getsockname()[1])
+        dog.peers = {r: tuple(p) for r, p in enumerate(comm.allgather(me)) if r != comm.rank}
+        return dog
+
+    def stop(self):
+        """Disarm: the communicator is unwatched again (dpbp.fit returns to its caller)."""
+        if self.comm.deadline is self.slot:
+            self.comm.deadline = None
+        self.stopped = True
+        self.thread.join()
+        self.sock.close()
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self):
+        while not self.stopped:
+            ready, _, _ = select.select([self.sock], [], [], self.period)
+            now = time.monotonic()
+            if ready:
+                self._receive(now)
+            self._check(now)
+
+    def _receive(self, now):
+        while True:
+            try:
+                data, source = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. an ICMP error queued on the socket: nothing to read
+                continue
+            try:
+                msg = json.loads(data)
+                kind, sender = msg["kind"], int(msg["rank"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours
+            if kind == "ask":
+                self._send(source, {"kind": "answer", "rank": self.rank, **self._state(now)})
+            elif kind == "answer":
+                self.heard[sender] = (now, msg)
+            elif kind == "lost":
+                self._end(msg["text"], msg["printer"], tell=())
+
+    def _state(self, now):
+        """This rank's answer: in which MPI call (or None: busy) for how long, the step and phase."""
+        slot = self.slot
+        entered = slot.entered
+        return {"in": slot.what if entered else None, "for": now - (entered or slot.left),
+                "step": slot.step, "phase": slot.phase}
+
+    def _send(self, address, msg):
+        try:
+            self.sock.sendto(json.dumps(msg).encode(), address)
+        except OSError:  # unreachable (a cut link): silence is what the asker will judge
+            pass
+
+    def _check(self, now):
+        entered = self.slot.entered
+        half = self.timeout / 2
+        if not entered or now - entered < half:
+            self.episode = None
+            return
+        if self.episode != entered:  # a new wait: ask afresh
+            self.episode, self.asked_since, self.heard = entered, now, {}
+        if now - self.last_ask >= self.period:
+            self.last_ask = now
+            for host, address, port in self.peers.values():
+                self._send((address, port), {"kind": "ask", "rank": self.rank})
+        if not self.peers and now - entered >= self.timeout:  # still in start's allgather of addresses
+            self._end(f"not every rank reached the start within comm.timeout = {self.timeout:g} s "
+                      f"(exit status {EXIT_PEER_LOST})", 0, tell=())
+        if now - self.asked_since >= half and self.peers:
+            verdict = self._verdict(now, now - entered)
+            if verdict is not None:
+                self._end(*verdict, tell=[r for r in self.peers if r in self.heard])
+
+    # ------------------------------------------------------------ the verdict
+
+    def _verdict(self, now, waited):
+        """None while every peer answers and none is over its allowance; else (message, printer)."""
+        T, half = self.timeout, self.timeout / 2
+        silent, stuck = [], []
+        for r in sorted(self.peers):
+            got = self.heard.get(r)
+            if got is None or now - got[0] > half:
+                silent.append(r)
+                continue
+            answer = got[1]
+            busy = float(answer["for"]) + (now - got[0])
+            allowed = LONG * T if answer.get("phase") else T
+            if answer.get("in") is None and busy > allowed:
+                stuck.append((r, busy, answer))
+        slot = self.slot
+        where = f"step {slot.step}" if slot.step else "start-up"
+        waiting = f"rank {self.rank} waited {waited:.1f} s in {slot.what} at {where}"
+        limit = f"comm.timeout = {T:g} s; exit status {EXIT_PEER_LOST}"
+        culprits = silent + [r for r, _, _ in stuck]
+        printer = min([r for r in self.heard if r not in culprits and r in self.peers] + [self.rank])
+        if silent:
+            text = f"{self.who(silent)} stopped answering ({waiting}; no answer for {half:g} s; {limit})"
+        elif stuck:
+            parts = [f"{self.who([r])} answers but has been {busy_words(a)} for {busy:.1f} s "
+                     f"at step {a.get('step')}" for r, busy, a in stuck]
+            text = f"{'; '.join(parts)} ({waiting}; allowed {T:g} s, {LONG * T:g} s in a long phase; {limit})"
+        elif waited > LONG * T:
+            text = (f"every rank answers but MPI delivers nothing: {waiting}, more than {LONG} x comm.timeout "
+                    f"({limit})")
+        else:
+            return None
+        return text, printer
+
+    def who(self, ranks):
+        """"rank 1 on host b (10.0.0.2)", "ranks 2, 3 (all of host c, 10.0.0.3)", grouped by host."""
+        by_host = {}
+        for r in ranks:
+            host, address, _ = self.peers[r]
+            by_host.setdefault((host, address), []).append(r)
+        words = []
+        for (host, address), rs in by_host.items():
+            everyone = sum(1 for h, a, _ in self.peers.values() if (h, a) == (host, address)) == len(rs)
+            on = f"all of host {host}" if everyone and len(rs) > 1 else f"on host {host}"
+            words.append(f"{rank_list(rs, self.comm.size)} ({on}, {address})")
+        return "; ".join(words)
+
+    def _end(self, text, printer, tell):
+        """Tell the peers that answered, print if this rank is the printer, leave at once."""
+        for _ in range(2):  # datagrams may be lost; hearing it twice is harmless
+            for r in tell:
+                host, address, port = self.peers[r]
+                self._send((address, port), {"kind": "lost", "rank": self.rank, "text": text,
+                                             "printer": printer})
+        if printer == self.rank:
+            print(f"{self.prog}: stopped: {text}", file=sys.stderr, flush=True)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(EXIT_PEER_LOST)
+
+
+def busy_words(answer):
+    phase = answer.get("phase")
+    return f"busy ({phase})" if phase else "busy outside MPI"
+
+
+@contextlib.contextmanager
+def long_phase(slot, words):
+    """Mark a legitimately long stretch of work (``LONG`` x comm.timeout); slot may be None (unwatched)."""
+    if slot is None:
+        yield
+        return
+    before, slot.phase = slot.phase, words
+    try:
+        yield
+    finally:
+        slot.phase = before
