@@ -28,7 +28,7 @@ Requeue: when the ranks exit 75 and the first signal was SIGUSR1 (the time-limit
 --signal=B:USR1@120, pbs.sh's --warn-after timer), the --requeue command runs (bash -c, with
 DPBP_RUN_DIR set to the absolute run directory and DPBP_REQUEUE_REASON=time-limit), unless
 DPBP_REQUEUE=0. Other stops only exit 75. A lost rank or host -- the ranks end with EXIT_PEER_LOST
-(their watchdog gave up on a peer) or a rank was killed (128 + SIGKILL: a host's ranks died, or the
+(their watchdog gave up on a peer) or a rank was killed (128 + SIGKILL, or 9 from hydra: a host's ranks died, or the
 launch command killed a stalled rank) -- also runs the --requeue command (DPBP_REQUEUE_REASON=lost),
 at most --lost-requeues times per run directory (counted in RUN_DIR/lost-requeues.jsonl); the
 requeued job resumes from the newest checkpoint. Not when this process got a stop signal first (the
@@ -66,7 +66,7 @@ WARNING = signal.SIGUSR1  # the time-limit warning: its checkpoint is followed b
 ARGS_FILE = "launch.args"
 LOG_FILE = "launch.log"
 LOST_FILE = "lost-requeues.jsonl"  # one line per requeue after a lost rank or host: the bound's count
-LOST = (EXIT_PEER_LOST, 128 + signal.SIGKILL)  # the statuses that mean "a rank or host was lost"
+LOST = (EXIT_PEER_LOST, 128 + signal.SIGKILL, signal.SIGKILL)  # "a rank or host was lost"; hydra says 9
 SHAPE = "python -m dpbp.launch [OPTIONS] -- LAUNCH COMMAND... -- CONFIG [dpbp.train options...]"
 
 
@@ -427,8 +427,8 @@ def requeue_lost(rc, plan):
         return rc
     with open(path, "a") as f:
         f.write(json.dumps({"time": time.time(), "status": rc, "tag": plan.log.tag}) + "\n")
-    plan.log(f"{what} (status {rc}): requeueing job, {done + 1} of at most {plan.lost_requeues} "
-             f"({plan.opts.requeue}); it resumes from the newest checkpoint in {plan.run_dir}")
+    plan.log(f"{what} (status {rc}): requeueing job, {done + 1} of at most {plan.lost_requeues}; "
+             f"it resumes from the newest checkpoint in {plan.run_dir}")
     requeue(plan.opts.requeue, plan.run_dir, plan.log, reason="lost")
     return rc
 
