@@ -8,7 +8,9 @@
 #   bench-1x1.out      the same spec on one rank, one host: the compute time the model divides
 # Uses the cluster named by DPBP_CLUSTER_PREFIX / DPBP_CLUSTER_DIR (brought up with 3 hosts if not up) and
 # leaves it up; `hosts.sh down` stops it. BLAS: 1 thread per rank, OPENBLAS_CORETYPE/L2_SIZE unset.
-# Knobs: REPEATS (default 6), BUCKET (MB, default 4), PY (default: the python3 on PATH).
+# Knobs: REPEATS (default 6), BUCKET (MB, default 4), SHAPES (default "2x1 2x2 3x1"), AB=0 (skip the
+# alpha/beta sweep and the 1x1 row), PY (default: the python3 on PATH).
+# The bucket_mb sweep of docs/performance.md: for b in 1 2 8; do BUCKET=$b AB=0 SHAPES=2x1 scaling.sh DIR-b$b 1gbit; done
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -35,11 +37,11 @@ job() {  # job NAME SBATCH-OPTIONS... -- COMMAND...: run COMMAND under srun in a
 }
 
 BENCH=("$PY" -m dpbp.bench --spec 784-1024-1024-10 --no-reproducible --repeats "${REPEATS:-6}")
-job bench-1x1 -N 1 -n 1 -w "$P-h1" -- "${BENCH[@]}" --threads 1
+[ "${AB:-1}" = 0 ] || job bench-1x1 -N 1 -n 1 -w "$P-h1" -- "${BENCH[@]}" --threads 1
 for rate in "${RATES[@]}"; do
     for k in 1 2 3; do "$H" shape "$k" "$rate"; done
-    job "ab-$rate" -N 2 --ntasks-per-node=1 -w "$P-h1,$P-h2" -- srun --mpi=pmi2 "$PY" launch/alpha_beta.py --max-bytes 16777216 --seconds-per-size 0.5
-    for shape in 2x1 2x2 3x1; do
+    [ "${AB:-1}" = 0 ] || job "ab-$rate" -N 2 --ntasks-per-node=1 -w "$P-h1,$P-h2" -- srun --mpi=pmi2 "$PY" launch/alpha_beta.py --max-bytes 16777216 --seconds-per-size 0.5
+    for shape in ${SHAPES:-2x1 2x2 3x1}; do
         job "bench-$rate-$shape" -N "${shape%x*}" --ntasks-per-node="${shape#*x}" -- \
             srun --mpi=pmi2 "${BENCH[@]}" --bucket-mb "${BUCKET:-4}"
     done
