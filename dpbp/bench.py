@@ -16,7 +16,9 @@ Rows, per model spec and ranks x BLAS threads:
 Under ``mpirun -n P`` also, per dpbp row: the time per step spent inside the gradient reduction's MPI
 calls during training (exposed, i.e. not overlapped with compute; it includes waiting for the slowest
 rank), the reducer's Allreduce timed alone between barriers, and a raw in-place MPI Allreduce of a
-buffer of the same size and dtype; plus a "rank 0 alone" row (the other ranks sleep) with as many
+buffer of the same size and dtype; a "dpbp, watchdog on" row for the 2-2-2 and the large spec (the same
+step with dpbp/watchdog.py's thread running and every MPI call armed, comm.timeout = 60 s; the "dpbp"
+rows run unwatched), its "watchdog cost" the difference of the two medians; plus a "rank 0 alone" row (the other ranks sleep) with as many
 threads as the machine has cores, the single-process alternative to compare P ranks x 1 thread with.
 
 Usage:
@@ -37,13 +39,14 @@ import time
 import numpy as np
 
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
-from dpbp.comm import SerialComm
+from dpbp.comm import Deadline, SerialComm, armed
 from dpbp.config import load_config
 from dpbp.data import batch_indices, load_data
 from dpbp.errors import UserError
 from dpbp.progress import numpy_blas_pool
 from dpbp.runs import starting_params
 from dpbp.step import Trainer
+from dpbp.watchdog import Watchdog
 
 _COMMON = ["data.val_fraction=0.0", "loss.l2=0.0", "train.steps=1"]
 SPECS = {  # name -> --set overrides on the defaults, and steps per timed block
@@ -58,6 +61,8 @@ SPECS = {  # name -> --set overrides on the defaults, and steps per timed block
                           "data.batch_size=256", "optim.lr=0.01", "optim.momentum=0.9"], 20),
 }
 LARGE = "784-1024-1024-10"
+WATCHED = ("2-2-2", LARGE)  # under mpirun: the step with the watchdog on, beside the "dpbp" row
+WATCHED_VARIANT = "dpbp, watchdog on"
 SPIN_DOWN_S = 0.5
 
 
@@ -90,9 +95,10 @@ class Row:
 class DpbpRow(Row):
     """Trainer.step on a fixed sequence of batches, from the same parameters every repeat."""
 
-    def __init__(self, spec, cfg, comm, threads, variant, steps, data):
+    def __init__(self, spec, cfg, comm, threads, variant, steps, data, watch_s=0.0):
         super().__init__(spec, comm.size, threads, variant, cfg["data.batch_size"], steps)
         self.comm, self.cfg = comm, cfg
+        self.watch_s = watch_s  # > 0: the timed steps run under a watchdog with this comm.timeout
         self.trainer = Trainer(cfg, comm, data)
         self.initial = starting_params(cfg)
         self.batches = [batch_indices(len(data), self.batch, cfg["seed"], s, True, False)[0]
@@ -117,12 +123,15 @@ class DpbpRow(Row):
         trainer.model.load(self.initial)
         for state in trainer.opt.state().values():
             state[...] = 0
+        dog = Watchdog.start(self.comm, self.watch_s, "dpbp.bench") if self.watch_s else None
         self.comm.barrier()
         comm0, self.exposed = trainer.comm_s, 0.0
         t0 = time.perf_counter()
         for idx in self.batches:
             trainer.step(idx)
         elapsed = time.perf_counter() - t0
+        if dog is not None:
+            dog.stop()
         if not record:
             return
         self.step_s.append(elapsed / self.steps)
@@ -323,9 +332,13 @@ def build_rows(args, comm, torch):
             variants.append(("dpbp, reproducible, chunk 128", ["comm.reduce='reproducible'", "comm.chunk=128"]))
         if name == LARGE and args.features:
             variants += feature_variants(comm)
+        if comm.size > 1 and name in WATCHED:
+            variants.append((WATCHED_VARIANT, []))
         for threads in thread_counts(args, comm):
             for variant, sets in variants:
-                row = DpbpRow(name, make_cfg(sets), comm, threads, variant, steps, data)
+                row_cfg = make_cfg(sets)
+                row = DpbpRow(name, row_cfg, comm, threads, variant, steps, data,
+                              row_cfg["comm.timeout"] if variant == WATCHED_VARIANT else 0.0)
                 rows.append(row)
                 if "reproducible" in variant:  # its own bound: the same products, chunk by chunk
                     rows.append(GemmRow(row, "GEMM bound, " + variant.split(", ")[-1]))
@@ -365,6 +378,22 @@ def import_torch(comm):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
                                 world_size=comm.size)
     return torch
+
+
+def arming_ns(n=200_000, repeats=7):
+    """Nanoseconds per call, medians of interleaved repeats: (a method that does nothing, the same armed
+    as comm.MPIComm.watch arms a blocking MPI call): what the watchdog adds per call, without MPI's noise."""
+    def nothing(*args):
+        pass
+    calls = {"bare": nothing, "armed": armed(nothing, Deadline(), "MPI_Nothing")}
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for kind, f in calls.items():
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                f()
+            times[kind].append((time.perf_counter_ns() - t0) / n)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---------------------------------------------------------------- output
@@ -412,6 +441,9 @@ def relate(summaries):
                 s["of_gemm"] = bound / s["step_s"]["median"]
             if "torch" in group:
                 s["vs_torch"] = group["torch"] / s["step_s"]["median"]
+        if s["variant"] == WATCHED_VARIANT and "dpbp" in group:
+            s["watchdog_cost_s"] = s["step_s"]["median"] - group["dpbp"]
+            s["watchdog_cost"] = s["watchdog_cost_s"] / group["dpbp"]
         if s["variant"] == "dpbp" and s["ranks"] > 1:
             solo = by.get((s["spec"], 1, os.cpu_count() or 1), {}).get("dpbp, rank 0 alone")
             if solo:
@@ -421,7 +453,7 @@ def relate(summaries):
 
 def table(summaries):
     head = ["spec", "PxT", "variant", "samples/s median (min-max)", "step", "of GEMM", "vs torch",
-            "vs 1 proc", "exposed comm", "reducer alone", "raw Allreduce"]
+            "vs 1 proc", "exposed comm", "reducer alone", "raw Allreduce", "watchdog cost"]
     lines = []
     for s in summaries:
         ms = lambda key: fmt_time(s[key]["median"]) if key in s else ""  # noqa: E731
@@ -430,7 +462,9 @@ def table(summaries):
                       f"{100 * s['of_gemm']:.0f}%" if "of_gemm" in s else "",
                       f"{s['vs_torch']:.2f}x" if "vs_torch" in s else "",
                       f"{100 * s['vs_rank0_alone']:.0f}%" if "vs_rank0_alone" in s else "",
-                      ms("exposed_comm_s"), ms("reducer_alone_s"), ms("raw_allreduce_s")])
+                      ms("exposed_comm_s"), ms("reducer_alone_s"), ms("raw_allreduce_s"),
+                      f"{s['watchdog_cost_s'] * 1e6:+.2f} us ({100 * s['watchdog_cost']:+.2f}%)"
+                      if "watchdog_cost" in s else ""])
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines]
@@ -476,6 +510,9 @@ def main(argv, comm):
     else:
         for line in table(summaries):
             say(line)
+        ns = arming_ns()
+        say(f"watchdog: arming adds {ns['armed'] - ns['bare']:.0f} ns to each blocking MPI call (median, a call "
+            f"doing nothing: {ns['bare']:.0f} ns bare); a fast-mode step makes one, unwatched ones none")
         if hasattr(os, "getloadavg"):
             say("load average at the end: %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg())
         say("peak RSS of this benchmark process per rank (all rows together): "

@@ -7,7 +7,6 @@ Every method is collective except ``abort``; callers issue them in the same orde
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import sys
@@ -29,35 +28,29 @@ def rank_list(ranks, size):
 class Deadline:
     """What this rank's main thread is doing, for the watchdog thread (dpbp/watchdog.py) to read.
 
-    Written by the main thread without locks (single attribute stores are atomic under the GIL; a torn
-    read only mislabels one check): ``entered`` is when the blocking MPI call in progress began (monotonic
-    seconds; 0.0 when none is), ``left`` when the last one ended, ``what`` its MPI name, ``step`` the step
-    being computed (1-based; 0 during start-up) and ``phase`` None for ordinary work, or the words for a
-    legitimately long one ("writing a checkpoint", "the first step", ...).
+    Written by the main thread without locks or clock reads: ``calls`` counts entries into and exits from
+    blocking MPI calls (odd while in one), ``what`` names the call, ``step`` is the step being computed
+    (1-based; 0 during start-up) and ``phase`` None for ordinary work, or the words for a legitimately
+    long one ("writing a checkpoint", ...). The watchdog times how long ``calls`` stays unchanged.
     """
 
-    __slots__ = ("entered", "left", "what", "step", "phase")
+    __slots__ = ("calls", "what", "step", "phase")
 
     def __init__(self):
-        self.entered, self.left, self.what, self.step, self.phase = 0.0, time.monotonic(), "", 0, None
+        self.calls, self.what, self.step, self.phase = 0, "", 0, None
 
 
-def watched(what):
-    """MPIComm method decorator: the call is armed in ``self.deadline`` (if a watchdog set one) while it
-    blocks, so a watchdog sees how long this rank has waited in MPI: two clock reads and four stores."""
-    def wrap(method):
-        @functools.wraps(method)
-        def armed(self, *args, **kwargs):
-            slot = self.deadline
-            if slot is None:
-                return method(self, *args, **kwargs)
-            slot.what, slot.entered = what, time.monotonic()
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                slot.entered, slot.left = 0.0, time.monotonic()
-        return armed
-    return wrap
+def armed(call, slot, what):
+    """call, telling slot (a Deadline) while it blocks: two integer increments and one store (no clock
+    read: on some VMs one costs 0.4 us)."""
+    def call_armed(*args):
+        slot.what = what
+        slot.calls += 1
+        try:
+            return call(*args)
+        finally:
+            slot.calls += 1
+    return call_armed
 
 
 class Collectives:
@@ -108,6 +101,9 @@ class SerialComm(Collectives):
     size = 1
     library = library_details = "serial (no MPI)"
     deadline = None  # no peers to wait for: nothing to watch
+
+    def watch(self, slot):
+        pass
 
     def allreduce_sum_(self, buf):
         return buf
@@ -168,8 +164,15 @@ class _DoneRequest:
 class MPIComm(Collectives):
     """mpi4py's buffer interface: in-place, no pickling on the hot path.
 
-    Every blocking method is armed in ``deadline`` (a Deadline, set by dpbp/watchdog.py; None: unwatched).
+    ``watch(slot)`` arms every blocking method (BLOCKING) for a watchdog (dpbp/watchdog.py); unwatched,
+    they are the plain methods below.
     """
+
+    BLOCKING = {"allreduce_sum_": "MPI_Allreduce", "allreduce_max_": "MPI_Allreduce",
+                "reduce_scatter_sum_": "MPI_Reduce_scatter", "allgather_": "MPI_Allgatherv",
+                "wait_all": "MPI_Waitall", "bcast": "MPI_Bcast", "allgather": "MPI_Allgather",
+                "barrier": "MPI_Barrier", "failure_channel": "MPI_Comm_dup",
+                "local_rank_size": "MPI_Comm_split_type", "finalize": "MPI_Finalize"}
 
     def __init__(self, MPI, comm):
         self.MPI, self.comm = MPI, comm
@@ -178,18 +181,15 @@ class MPIComm(Collectives):
         self.library = MPI.Get_library_version().strip().splitlines()[0]
         self.library_details = MPI.Get_library_version().strip()
 
-    @watched("MPI_Allreduce")
     def allreduce_sum_(self, buf):
         """buf <- sum over ranks of buf, in place (one MPI_Allreduce on the contiguous buffer)."""
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         return buf
 
-    @watched("MPI_Allreduce")
     def allreduce_max_(self, buf):
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MAX)
         return buf
 
-    @watched("MPI_Reduce_scatter")
     def reduce_scatter_sum_(self, buf, counts):
         """buf (sum(counts),): rank r's slice (counts[r] entries, slices in rank order) <- its sum over ranks,
         in place (one MPI_Reduce_scatter, MPI_IN_PLACE); the rest of buf is left undefined."""
@@ -199,7 +199,6 @@ class MPIComm(Collectives):
             buf[lo:lo + n] = buf[:n]  # NumPy copies overlapping slices through a temporary
         return buf
 
-    @watched("MPI_Allgatherv")
     def allgather_(self, buf, counts):
         """buf (sum(counts),): every rank's slice (counts[r] entries, in rank order) copied to all ranks, in
         place (one MPI_Allgatherv, MPI_IN_PLACE)."""
@@ -214,19 +213,15 @@ class MPIComm(Collectives):
         """Let MPI progress the requests (MPICH advances non-blocking collectives inside MPI calls)."""
         return self.MPI.Request.Testall(requests)
 
-    @watched("MPI_Waitall")
     def wait_all(self, requests):
         self.MPI.Request.Waitall(requests)
 
-    @watched("MPI_Bcast")
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
-    @watched("MPI_Allgather")
     def allgather(self, obj):
         return self.comm.allgather(obj)
 
-    @watched("MPI_Barrier")
     def barrier(self):
         self.comm.Barrier()
 
@@ -234,12 +229,10 @@ class MPIComm(Collectives):
         """A non-blocking barrier: poll its Test() with sleeps to wait without spinning a core."""
         return self.comm.Ibarrier()
 
-    @watched("MPI_Comm_dup")
     def failure_channel(self):
         """Collective (call once, at start): a private duplicate of the world for failing ranks."""
         return FailureChannel(self.comm.Dup() if self.size > 1 else None)
 
-    @watched("MPI_Comm_split_type")
     def local_rank_size(self):
         """Collective: (rank among the ranks sharing this node's memory, their number), as MPI sees it."""
         local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
@@ -253,7 +246,15 @@ class MPIComm(Collectives):
         sys.stderr.flush()
         self.comm.Abort(code)
 
-    @watched("MPI_Finalize")
+    def watch(self, slot):
+        """Arm every blocking method to tell slot (a Deadline) while it blocks; None: disarm."""
+        self.deadline = slot
+        for name, what in self.BLOCKING.items():
+            if slot is None:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, armed(getattr(type(self), name).__get__(self), slot, what))
+
     def finalize(self):
         """MPI_Finalize now, while a watchdog can still see it (at interpreter exit no thread runs)."""
         if not self.MPI.Is_finalized():

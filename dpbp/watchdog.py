@@ -2,9 +2,10 @@
 
 MPICH never reports a dead TCP peer, a stopped process or a cut link: the ranks that wait for it stay in
 their Allreduce for as long as anyone lets them. So every blocking call of dpbp's communicator is armed
-(``comm.Deadline``: a clock read and two stores before the call, two after; no lock, no wake-up), and one
-daemon thread per rank (mpi4py releases the GIL inside blocking MPI calls, so it runs while the main
-thread waits) looks at that slot every ``period`` seconds. With T = comm.timeout:
+(``comm.Deadline``: a counter incremented before and after the call, its name stored; no lock, no clock,
+no wake-up), and one daemon thread per rank (mpi4py releases the GIL inside blocking MPI calls, so it
+runs while the main thread waits) looks at that slot every ``period`` seconds and times how long the
+counter stays unchanged (to within a period). With T = comm.timeout:
 
     waited T/2 in one MPI call   ask every peer, over a UDP socket of the watchdogs' own (no MPI call
                                  from this thread: MPI runs in MPI_THREAD_SINGLE), every ``period``;
@@ -52,7 +53,8 @@ class Watchdog:
         self.period = min(1.0, max(0.05, self.timeout / 20))  # how often it looks, and asks
         self.peers = {}  # rank -> (host, address, port), filled by start's allgather
         self.heard = {}  # rank -> (monotonic time, its answer) since this wait began to ask
-        self.episode = None  # the `entered` time of the wait being asked about
+        self.seen, self.since = -1, time.monotonic()  # slot.calls as last seen, and since when
+        self.episode = None  # the slot.calls value of the wait being asked about
         self.asked_since = self.last_ask = 0.0
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
@@ -68,7 +70,7 @@ class Watchdog:
         sock.setblocking(False)
         dog = cls(comm, timeout, prog, sock, Deadline())
         dog.slot.phase = "start-up"
-        comm.deadline = dog.slot
+        comm.watch(dog.slot)
         dog.thread.start()
         me = (socket.gethostname(), host_address() or "127.0.0.1", sock.getsockname()[1])
         dog.peers = {r: tuple(p) for r, p in enumerate(comm.allgather(me)) if r != comm.rank}
@@ -77,8 +79,9 @@ class Watchdog:
     def stop(self):
         """Disarm: the communicator is unwatched again (dpbp.fit returns to its caller)."""
         if self.comm.deadline is self.slot:
-            self.comm.deadline = None
+            self.comm.watch(None)
         self.stopped = True
+        self._send(("127.0.0.1", self.sock.getsockname()[1]), {"kind": "wake", "rank": self.rank})
         self.thread.join()
         self.sock.close()
 
@@ -112,12 +115,18 @@ class Watchdog:
             elif kind == "lost":
                 self._end(msg["text"], msg["printer"], tell=())
 
+    def _observe(self, now):
+        """(slot.calls now, seconds it has stayed so): odd while the main thread is in a blocking MPI call."""
+        calls = self.slot.calls
+        if calls != self.seen:
+            self.seen, self.since = calls, now
+        return calls, now - self.since
+
     def _state(self, now):
         """This rank's answer: in which MPI call (or None: busy) for how long, the step and phase."""
+        calls, seconds = self._observe(now)
         slot = self.slot
-        entered = slot.entered
-        return {"in": slot.what if entered else None, "for": now - (entered or slot.left),
-                "step": slot.step, "phase": slot.phase}
+        return {"in": slot.what if calls & 1 else None, "for": seconds, "step": slot.step, "phase": slot.phase}
 
     def _send(self, address, msg):
         try:
@@ -126,22 +135,22 @@ class Watchdog:
             pass
 
     def _check(self, now):
-        entered = self.slot.entered
+        calls, waited = self._observe(now)
         half = self.timeout / 2
-        if not entered or now - entered < half:
+        if not calls & 1 or waited < half:
             self.episode = None
             return
-        if self.episode != entered:  # a new wait: ask afresh
-            self.episode, self.asked_since, self.heard = entered, now, {}
+        if self.episode != calls:  # a new wait: ask afresh
+            self.episode, self.asked_since, self.heard = calls, now, {}
         if now - self.last_ask >= self.period:
             self.last_ask = now
             for host, address, port in self.peers.values():
                 self._send((address, port), {"kind": "ask", "rank": self.rank})
-        if not self.peers and now - entered >= self.timeout:  # still in start's allgather of addresses
+        if not self.peers and waited >= self.timeout:  # still in start's allgather of addresses
             self._end(f"not every rank reached the start within comm.timeout = {self.timeout:g} s "
                       f"(exit status {EXIT_PEER_LOST})", 0, tell=())
         if now - self.asked_since >= half and self.peers:
-            verdict = self._verdict(now, now - entered)
+            verdict = self._verdict(now, waited)
             if verdict is not None:
                 self._end(*verdict, tell=[r for r in self.peers if r in self.heard])
 
@@ -163,25 +172,26 @@ class Watchdog:
                 stuck.append((r, busy, answer))
         slot = self.slot
         where = f"step {slot.step}" if slot.step else "start-up"
-        waiting = f"rank {self.rank} waited {waited:.1f} s in {slot.what} at {where}"
-        limit = f"comm.timeout = {T:g} s; exit status {EXIT_PEER_LOST}"
+        waiting = f"rank {self.rank} waited {waited:.1f} s in {slot.what}"
+        limit = f"comm.timeout = {T:g} s, exit status {EXIT_PEER_LOST}"
         culprits = silent + [r for r, _, _ in stuck]
         printer = min([r for r in self.heard if r not in culprits and r in self.peers] + [self.rank])
         if silent:
-            text = f"{self.who(silent)} stopped answering ({waiting}; no answer for {half:g} s; {limit})"
+            text = (f"{self.who(silent)} stopped answering at {where}: {waiting} for "
+                    f"{'it' if len(silent) == 1 else 'them'}, no answer for {half:g} s ({limit})")
         elif stuck:
-            parts = [f"{self.who([r])} answers but has been {busy_words(a)} for {busy:.1f} s "
-                     f"at step {a.get('step')}" for r, busy, a in stuck]
-            text = f"{'; '.join(parts)} ({waiting}; allowed {T:g} s, {LONG * T:g} s in a long phase; {limit})"
+            parts = [f"{self.who([r])} answers but has been {busy_words(a)} for {busy:.1f} s at step {a.get('step')}"
+                     for r, busy, a in stuck]
+            text = (f"{'; '.join(parts)} while {waiting} (allowed: {T:g} s, {LONG * T:g} s in a long phase; "
+                    f"{limit})")
         elif waited > LONG * T:
-            text = (f"every rank answers but MPI delivers nothing: {waiting}, more than {LONG} x comm.timeout "
-                    f"({limit})")
+            text = f"every rank answers but MPI delivers nothing: at {where} {waiting} ({LONG} x comm.timeout; {limit})"
         else:
             return None
         return text, printer
 
     def who(self, ranks):
-        """"rank 1 on host b (10.0.0.2)", "ranks 2, 3 (all of host c, 10.0.0.3)", grouped by host."""
+        """Ranks with their hosts, grouped by host: "rank 1 (host b, 10.0.0.2)", "ranks 2, 3 (all of host c, 10.0.0.3)"."""
         by_host = {}
         for r in ranks:
             host, address, _ = self.peers[r]
@@ -189,7 +199,7 @@ class Watchdog:
         words = []
         for (host, address), rs in by_host.items():
             everyone = sum(1 for h, a, _ in self.peers.values() if (h, a) == (host, address)) == len(rs)
-            on = f"all of host {host}" if everyone and len(rs) > 1 else f"on host {host}"
+            on = f"all of host {host}" if everyone and len(rs) > 1 else f"host {host}"
             words.append(f"{rank_list(rs, self.comm.size)} ({on}, {address})")
         return "; ".join(words)
 

@@ -23,7 +23,8 @@ def clean_env(env=None):
     """This environment for a dpbp command under test: no fault-injection hooks or world-size check left
     over from the caller, 1 BLAS thread unless set, then `env` on top."""
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("DPBP_FAULT", "DPBP_STEP_SLEEP", "DPBP_EXPECT_WORLD_SIZE")}
+                if k not in ("DPBP_FAULT", "DPBP_STEP_SLEEP", "DPBP_SAVE_SLEEP", "DPBP_STALL_S",
+                              "DPBP_EXPECT_WORLD_SIZE")}
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     return full_env
