@@ -7,6 +7,7 @@
 #   hosts.sh exec K CMD...  run CMD in host K's network (and UTS, IPC) namespace
 #   hosts.sh link K down|up cut or restore host K's link to the switch
 #   hosts.sh shape K RATE|off  cap host K's link at RATE (tc tbf, e.g. 1gbit, 10gbit) both ways, or remove the cap
+#   hosts.sh slurmd K kill|start  SIGKILL host K's slurmd (its job steps run on), or start it again (recorded)
 #   hosts.sh down           stop everything `up` started (by recorded PID), delete the namespaces and links
 #   hosts.sh status         print the state directory, the hosts and their processes (exit 1 if not up)
 # Exit status: 0 done, 2 usage or failure, 3 the packages it needs (${PACKAGES[*]}) cannot be installed.
@@ -351,6 +352,27 @@ cmd_shape() {
     tc -n "$(host_ns "$k")" qdisc add dev eth0 root tbf rate "$rate" burst "$burst" latency 50ms
 }
 
+# slurmd K kill: a dead slurmd (the node's job steps keep running, as on a real node); start: hostinit
+# starts it again on SIGUSR1, and the new slurmd is recorded, so that `up`, `env` and `down` know it.
+cmd_slurmd() {
+    local k=${1:-} how=${2:-} pid st init sd=""
+    check_k "$k"
+    read -r pid st < <(entries "slurmd.$k" | tail -n 1) || true
+    case $how in
+        kill) alive "$pid" "$st" && kill -KILL "$pid"; return 0 ;;
+        start) alive "$pid" "$st" && return 0 ;;
+        *) die "usage: hosts.sh slurmd K kill|start" ;;
+    esac
+    init=$(pid_of "init.$k")
+    kill -USR1 "$init" || die "host $k is not running"
+    for _ in $(seq 200); do
+        for c in $(children "$init"); do [ "$(comm_of "$c")" = slurmd ] && sd=$c; done
+        if [ -n "$sd" ]; then record "slurmd.$k" "$sd"; return 0; fi
+        sleep 0.025
+    done
+    die "host $k: slurmd did not start again; see $DIR/log/host.$k.console"
+}
+
 cmd_status() {
     is_up || { echo "not up ($DIR)"; return 1; }
     echo "up: $(nhosts) hosts, state $DIR, prefix $PFX"
@@ -365,6 +387,7 @@ case ${1:-} in
     exec) shift; cmd_exec "$@" ;;
     link) shift; cmd_link "$@" ;;
     shape) shift; cmd_shape "$@" ;;
+    slurmd) shift; cmd_slurmd "$@" ;;
     status) cmd_status ;;
-    *) die "usage: hosts.sh up N | env | exec K CMD... | link K down|up | shape K RATE|off | down | status" ;;
+    *) die "usage: hosts.sh up N | env | exec K CMD... | link K down|up | shape K RATE|off | slurmd K kill|start | down | status" ;;
 esac; exit  # on the same line: bash has read the whole command before the file could change

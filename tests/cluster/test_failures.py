@@ -92,12 +92,9 @@ def threads_of(left: dict) -> dict:
 
 
 def heal(cluster, k: int) -> None:
-    """Host k back as it was: link up, slurmd running (hostinit starts it again on SIGUSR1), node idle."""
+    """Host k back as it was: link up, slurmd running (hosts.sh records the new one), node idle."""
     cluster.sh("link", k, "up")
-    names = {name: pid for name, pid, _ in cluster.pids()}
-    slurmd = [(pid, st) for name, pid, st in cluster.pids() if name == f"slurmd.{k}"][-1]
-    if not process_alive(*slurmd):
-        os.kill(names[f"init.{k}"], signal.SIGUSR1)
+    cluster.sh("slurmd", k, "start")  # a no-op if it runs
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         state = cluster.run(["sinfo", "-h", "-n", cluster.ns(k), "-o", "%T"], check=False).stdout.strip()
@@ -224,9 +221,8 @@ def test_a_stopped_rank_ends_the_attempt_and_the_run_finishes(healed, tmp_path, 
 @pytest.mark.timeout(480)
 def test_a_host_whose_slurmd_dies_ends_the_attempt_and_the_run_finishes(healed, tmp_path, uninterrupted):
     run = Run(healed, tmp_path, step_sleep=0.25, fault_step=60)  # the steps left outlast SlurmdTimeout
-    slurmd = [(pid, st) for name, pid, st in healed.pids() if name == "slurmd.2"][-1]
     t0 = time.monotonic()
-    os.kill(slurmd[0], signal.SIGKILL)
+    healed.sh("slurmd", 2, "kill")
     # MPI does not notice: the ranks train on until Slurm gives up on host 2 (NODE_FAIL) and ends the
     # attempt; host 2's ranks, whose srun is gone, end by themselves
     run.wait_gone([*run.ranks[1], *run.ranks[2]], SLURM_DEADLINE + MARGIN, t0)
