@@ -249,7 +249,9 @@ def finalize_within(comm, timeout):
     and it can wait for ever: MPICH's PMI barrier there needs the launcher, which Slurm may have killed
     (a host whose slurmd died: after the NODE_FAIL the other host's srun is gone, and this host's ranks
     sat in a read of the PMI socket). faulthandler's timer is a C thread, which needs no GIL: it prints
-    every thread's stack and _exit(1)s."""
+    every thread's stack and _exit(1)s. The watched barrier first lets the watchdog judge the waits that
+    are legitimately long (rank 0 writing the last checkpoint), so the ranks enter MPI_Finalize together."""
+    comm.barrier()
     if timeout > 0:
         faulthandler.dump_traceback_later(timeout, exit=True)
     try:

@@ -367,7 +367,10 @@ cmd_slurmd() {
     kill -USR1 "$init" || die "host $k is not running"
     for _ in $(seq 200); do
         for c in $(children "$init"); do [ "$(comm_of "$c")" = slurmd ] && sd=$c; done
-        if [ -n "$sd" ]; then record "slurmd.$k" "$sd"; return 0; fi
+        if [ -n "$sd" ]; then  # the dead one's line replaced: run/pids lists what runs
+            grep -v "^slurmd\.$k " "$PIDS" > "$PIDS.new" || true; mv "$PIDS.new" "$PIDS"
+            record "slurmd.$k" "$sd"; return 0
+        fi
         sleep 0.025
     done
     die "host $k: slurmd did not start again; see $DIR/log/host.$k.console"
