@@ -109,8 +109,10 @@ def heal(cluster, k: int) -> None:
 
 @pytest.fixture
 def healed(cluster):
-    """Each test breaks host 2; whatever happens, it is whole again for the next test."""
+    """Each test breaks host 2; whatever happens, it is whole again for the next test (a job a failed test
+    left running is cancelled first: its host would not be idle)."""
     yield cluster
+    cluster.run(["scancel", "--user=root"], check=False)
     heal(cluster, 2)
 
 
