@@ -16,9 +16,11 @@ Rows, per model spec and ranks x BLAS threads:
 Under ``mpirun -n P`` also, per dpbp row: the time per step spent inside the gradient reduction's MPI
 calls during training (exposed, i.e. not overlapped with compute; it includes waiting for the slowest
 rank), the reducer's Allreduce timed alone between barriers, and a raw in-place MPI Allreduce of a
-buffer of the same size and dtype; a "dpbp, watchdog on" row for the 2-2-2 and the large spec (the same
-step with dpbp/watchdog.py's thread running and every MPI call armed, comm.timeout = 60 s; the "dpbp"
-rows run unwatched), its "watchdog cost" the difference of the two medians; plus a "rank 0 alone" row (the other ranks sleep) with as many
+buffer of the same size and dtype; a "dpbp, watchdog on" row for the 2-2-2 and the large spec: the same
+steps in PAIRS of blocks, one unwatched and one with dpbp/watchdog.py's thread running and every MPI call
+armed (comm.timeout = 60 s), in alternating order; its "watchdog cost" is the median over repeats of
+(watched - unwatched) per step over all pairs, which a noisy machine disturbs far less than the
+difference of two rows' medians (under `mpirun -n 1` too: the same arming, no peers to wait for); plus a "rank 0 alone" row (the other ranks sleep) with as many
 threads as the machine has cores, the single-process alternative to compare P ranks x 1 thread with.
 
 Usage:
@@ -98,7 +100,7 @@ class DpbpRow(Row):
     def __init__(self, spec, cfg, comm, threads, variant, steps, data, watch_s=0.0):
         super().__init__(spec, comm.size, threads, variant, cfg["data.batch_size"], steps)
         self.comm, self.cfg = comm, cfg
-        self.watch_s = watch_s  # > 0: the timed steps run under a watchdog with this comm.timeout
+        self.watch_s = watch_s  # WatchRow: the comm.timeout of its watched blocks
         self.trainer = Trainer(cfg, comm, data)
         self.initial = starting_params(cfg)
         self.batches = [batch_indices(len(data), self.batch, cfg["seed"], s, True, False)[0]
@@ -123,15 +125,12 @@ class DpbpRow(Row):
         trainer.model.load(self.initial)
         for state in trainer.opt.state().values():
             state[...] = 0
-        dog = Watchdog.start(self.comm, self.watch_s, "dpbp.bench") if self.watch_s else None
         self.comm.barrier()
         comm0, self.exposed = trainer.comm_s, 0.0
         t0 = time.perf_counter()
         for idx in self.batches:
             trainer.step(idx)
         elapsed = time.perf_counter() - t0
-        if dog is not None:
-            dog.stop()
         if not record:
             return
         self.step_s.append(elapsed / self.steps)
@@ -152,6 +151,41 @@ class DpbpRow(Row):
                 reduce()
                 t.append(time.perf_counter() - t0)
         return [statistics.median(t) for t in times]
+
+
+class WatchRow(DpbpRow):
+    """DpbpRow's steps in PAIRS of blocks, unwatched and watched (alternating which goes first); step_s is
+    the watched blocks' time per step, and every repeat notes watched - unwatched per step."""
+
+    PAIRS = 8
+
+    def run(self, record=True):
+        trainer, n = self.trainer, self.steps
+        trainer.model.load(self.initial)
+        cuts = [n * k // self.PAIRS for k in range(self.PAIRS + 1)]
+        total = {0.0: 0.0, self.watch_s: 0.0}
+        for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            half = self.batches[a:a + max(1, (b - a) // 2)]  # each half of the pair computes these steps
+            times = {t: self._block(half, t) for t in ((0.0, self.watch_s) if k % 2 == 0 else (self.watch_s, 0.0))}
+            for t, seconds in times.items():
+                total[t] += seconds
+            if record:
+                self.note("watchdog_cost_s", (times[self.watch_s] - times[0.0]) / len(half))
+        if record:
+            self.step_s.append(total[self.watch_s] / (n / 2))
+
+    def _block(self, batches, timeout):
+        """Seconds for the batches' steps, watched (a Watchdog with this comm.timeout; on one MPI rank
+        too, where it has no peers to ask but arms the same calls) or not (timeout 0)."""
+        dog = Watchdog.start(self.comm, timeout, "dpbp.bench", alone=True) if timeout else None
+        self.comm.barrier()
+        t0 = time.perf_counter()
+        for idx in batches:
+            self.trainer.step(idx)
+        elapsed = time.perf_counter() - t0
+        if dog is not None:
+            dog.stop()
+        return elapsed
 
 
 class GemmRow(Row):
@@ -332,13 +366,15 @@ def build_rows(args, comm, torch):
             variants.append(("dpbp, reproducible, chunk 128", ["comm.reduce='reproducible'", "comm.chunk=128"]))
         if name == LARGE and args.features:
             variants += feature_variants(comm)
-        if comm.size > 1 and name in WATCHED:
+        if not isinstance(comm, SerialComm) and name in WATCHED:
             variants.append((WATCHED_VARIANT, []))
         for threads in thread_counts(args, comm):
             for variant, sets in variants:
                 row_cfg = make_cfg(sets)
-                row = DpbpRow(name, row_cfg, comm, threads, variant, steps, data,
-                              row_cfg["comm.timeout"] if variant == WATCHED_VARIANT else 0.0)
+                if variant == WATCHED_VARIANT:
+                    rows.append(WatchRow(name, row_cfg, comm, threads, variant, steps, data, row_cfg["comm.timeout"]))
+                    continue
+                row = DpbpRow(name, row_cfg, comm, threads, variant, steps, data)
                 rows.append(row)
                 if "reproducible" in variant:  # its own bound: the same products, chunk by chunk
                     rows.append(GemmRow(row, "GEMM bound, " + variant.split(", ")[-1]))
@@ -441,9 +477,9 @@ def relate(summaries):
                 s["of_gemm"] = bound / s["step_s"]["median"]
             if "torch" in group:
                 s["vs_torch"] = group["torch"] / s["step_s"]["median"]
-        if s["variant"] == WATCHED_VARIANT and "dpbp" in group:
-            s["watchdog_cost_s"] = s["step_s"]["median"] - group["dpbp"]
-            s["watchdog_cost"] = s["watchdog_cost_s"] / group["dpbp"]
+        if s["variant"] == WATCHED_VARIANT:
+            unwatched = s["step_s"]["median"] - s["watchdog_cost_s"]["median"]
+            s["watchdog_cost"] = s["watchdog_cost_s"]["median"] / unwatched
         if s["variant"] == "dpbp" and s["ranks"] > 1:
             solo = by.get((s["spec"], 1, os.cpu_count() or 1), {}).get("dpbp, rank 0 alone")
             if solo:
@@ -463,7 +499,7 @@ def table(summaries):
                       f"{s['vs_torch']:.2f}x" if "vs_torch" in s else "",
                       f"{100 * s['vs_rank0_alone']:.0f}%" if "vs_rank0_alone" in s else "",
                       ms("exposed_comm_s"), ms("reducer_alone_s"), ms("raw_allreduce_s"),
-                      f"{s['watchdog_cost_s'] * 1e6:+.2f} us ({100 * s['watchdog_cost']:+.2f}%)"
+                      f"{s['watchdog_cost_s']['median'] * 1e6:+.2f} us ({100 * s['watchdog_cost']:+.2f}%)"
                       if "watchdog_cost" in s else ""])
     widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731

@@ -268,16 +268,16 @@ def train(request, comm, finalize=False):
     MPI_Finalize while it still watches, since a lost rank would hold MPI_Finalize at exit for ever."""
     stop = StopRequest()  # from the start: a signal during setup still ends in a checkpoint, not a kill
     faults = FaultInjector.from_env(comm.rank)
-    dogs = []
+    started = []  # the watchdog that setup starts once comm.timeout is known (None: unwatched)
     try:
-        job = setup(request, comm, lambda cfg: dogs.append(Watchdog.start(comm, cfg["comm.timeout"], "dpbp.train")))
+        job = setup(request, comm, lambda cfg: started.append(Watchdog.start(comm, cfg["comm.timeout"], "dpbp.train")))
         job.status = run_job(job, stop, faults)
         if finalize:
             finalize_within(comm, job.cfg["comm.timeout"])
         return job
     finally:
-        if dogs and dogs[0] is not None:
-            dogs[0].stop()
+        for dog in filter(None, started):
+            dog.stop()
 
 
 def run_job(job, stop, faults):

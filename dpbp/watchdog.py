@@ -37,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 
 from dpbp.comm import Deadline, host_address, rank_list
 from dpbp.errors import EXIT_PEER_LOST
@@ -57,13 +58,14 @@ class Watchdog:
         self.episode = None  # the slot.calls value of the wait being asked about
         self.asked_since = self.last_ask = 0.0
         self.stopped = False
+        self.job = None  # start's token of this world, in every datagram
         self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
 
     @classmethod
-    def start(cls, comm, timeout, prog):
+    def start(cls, comm, timeout, prog, alone=False):
         """Collective (one allgather of the watchdogs' addresses, itself watched). None when there is
-        nothing to watch: one rank, or timeout 0."""
-        if not timeout or comm.size == 1:
+        nothing to watch: one rank (unless alone: the benchmark's cost of arming one), or timeout 0."""
+        if not timeout or (comm.size == 1 and not alone) or comm.deadline is not None:
             return None
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("0.0.0.0", 0))
@@ -73,7 +75,9 @@ class Watchdog:
         comm.watch(dog.slot)
         dog.thread.start()
         me = (socket.gethostname(), host_address() or "127.0.0.1", sock.getsockname()[1])
-        dog.peers = {r: tuple(p) for r, p in enumerate(comm.allgather(me)) if r != comm.rank}
+        everyone = comm.allgather(me)
+        dog.job = zlib.crc32(repr(everyone).encode())  # the same on every rank: strangers' datagrams are ignored
+        dog.peers = {r: tuple(p) for r, p in enumerate(everyone) if r != comm.rank}
         return dog
 
     def stop(self):
@@ -107,7 +111,9 @@ class Watchdog:
                 msg = json.loads(data)
                 kind, sender = msg["kind"], int(msg["rank"])
             except (ValueError, KeyError, TypeError):
-                continue  # not ours
+                continue
+            if msg.get("job") != self.job or sender not in self.peers:
+                continue  # not from this world (or a wake-up from stop)
             if kind == "ask":
                 self._send(source, {"kind": "answer", "rank": self.rank, **self._state(now)})
             elif kind == "answer":
@@ -130,7 +136,7 @@ class Watchdog:
 
     def _send(self, address, msg):
         try:
-            self.sock.sendto(json.dumps(msg).encode(), address)
+            self.sock.sendto(json.dumps({**msg, "job": self.job}).encode(), address)
         except OSError:  # unreachable (a cut link): silence is what the asker will judge
             pass
 
