@@ -26,7 +26,13 @@ once a stop is under way (Ctrl-C twice) kills the launch command at once, withou
 
 Requeue: when the ranks exit 75 and the first signal was SIGUSR1 (the time-limit warning: Slurm's
 --signal=B:USR1@120, pbs.sh's --warn-after timer), the --requeue command runs (bash -c, with
-DPBP_RUN_DIR set to the absolute run directory), unless DPBP_REQUEUE=0. Other stops only exit 75.
+DPBP_RUN_DIR set to the absolute run directory and DPBP_REQUEUE_REASON=time-limit), unless
+DPBP_REQUEUE=0. Other stops only exit 75. A lost rank or host -- the ranks end with EXIT_PEER_LOST
+(their watchdog gave up on a peer) or a rank was killed (128 + SIGKILL, or 9 from hydra: a host's ranks died, or the
+launch command killed a stalled rank) -- also runs the --requeue command (DPBP_REQUEUE_REASON=lost),
+at most --lost-requeues times per run directory (counted in RUN_DIR/lost-requeues.jsonl); the
+requeued job resumes from the newest checkpoint. Not when this process got a stop signal first (the
+scheduler is ending or requeueing the job itself).
 
 BLAS threads: unless OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS is set (then all are
 left alone), all three are set to dpbp.threads' rule for --ranks-per-node ranks sharing --cores CPUs.
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import signal
@@ -51,13 +58,15 @@ import threading
 import time
 
 from dpbp import threads
-from dpbp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, UserError
+from dpbp.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 FORWARD = signal.SIGUSR1  # what the launch command gets: passed on to the ranks untouched by srun and mpirun
 WARNING = signal.SIGUSR1  # the time-limit warning: its checkpoint is followed by a requeue
 ARGS_FILE = "launch.args"
 LOG_FILE = "launch.log"
+LOST_FILE = "lost-requeues.jsonl"  # one line per requeue after a lost rank or host: the bound's count
+LOST = (EXIT_PEER_LOST, 128 + signal.SIGKILL, signal.SIGKILL)  # "a rank or host was lost"; hydra says 9
 SHAPE = "python -m dpbp.launch [OPTIONS] -- LAUNCH COMMAND... -- CONFIG [dpbp.train options...]"
 
 
@@ -90,6 +99,9 @@ def make_parser():
                         f"them from $DPBP_RUN_DIR/{ARGS_FILE} (a resubmitted job given only DPBP_RUN_DIR)")
     p.add_argument("--requeue", metavar="SHELL_COMMAND",
                    help="run after the checkpoint that followed a SIGUSR1 (the time-limit warning)")
+    p.add_argument("--lost-requeues", metavar="N", default="0",
+                   help=f"after a lost rank or host (status {EXIT_PEER_LOST} or {128 + signal.SIGKILL}) run the "
+                        "--requeue command, at most N times per run directory (default 0: never)")
     p.add_argument("--warn-after", metavar="SECONDS",
                    help="send this process SIGUSR1 after SECONDS (at least 1): a scheduler without a "
                         "warning before its time limit")
@@ -229,6 +241,7 @@ class Plan:
         self.cores = positive(opts.cores, "--cores") if opts.cores else threads.affinity_cores()
         self.per_node = positive(opts.ranks_per_node, "--ranks-per-node") if opts.ranks_per_node else self.np
         self.warn_after = self._seconds(opts.warn_after)
+        self.lost_requeues = self._count(opts.lost_requeues)
         if not train and opts.save_args:
             train = saved_args(environ, log)
         if not train:
@@ -259,6 +272,16 @@ class Plan:
             return max(1, int(text))
         except ValueError:
             raise UserError(f"--warn-after needs whole seconds, not {text!r}") from None
+
+    @staticmethod
+    def _count(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise UserError(f"--lost-requeues needs a whole number >= 0, not {text!r}")
+        return value
 
     def describe(self):
         """The start line and the resume line (the trainer decides; this only reports what it will find)."""
@@ -352,10 +375,10 @@ class Ranks:
         return 128 - rc if rc < 0 else rc
 
 
-def requeue(command, run_dir, log):
+def requeue(command, run_dir, log, reason="time-limit"):
     """The scheduler script's requeue command, its output logged; a failure is logged with what to do."""
-    log(f"checkpoint written after the time-limit warning: requeueing job ({command})")
-    done = subprocess.run(["bash", "-c", command], env=dict(os.environ, DPBP_RUN_DIR=run_dir),
+    env = dict(os.environ, DPBP_RUN_DIR=run_dir, DPBP_REQUEUE_REASON=reason)
+    done = subprocess.run(["bash", "-c", command], env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in done.stdout.decode(errors="replace").splitlines():
         log(line)
@@ -373,15 +396,40 @@ def finish(rc, ranks, plan, environ):
     if rc == EXIT_OK:
         log("training finished")
         return rc
+    may_requeue = plan.opts.requeue and (environ.get("DPBP_REQUEUE") or "1") != "0"
+    if rc in LOST and ranks.first is None and plan.lost_requeues and may_requeue:
+        return requeue_lost(rc, plan)
     if rc != EXIT_PREEMPTED:
         log(f"trainer failed with status {rc}")
         return rc
-    if ranks.first == WARNING and plan.opts.requeue and (environ.get("DPBP_REQUEUE") or "1") != "0":
+    if ranks.first == WARNING and may_requeue:
+        log(f"checkpoint written after the time-limit warning: requeueing job ({plan.opts.requeue})")
         requeue(plan.opts.requeue, plan.run_dir, log)
     else:
         got = f" (got {signal.Signals(ranks.first).name})" if ranks.first is not None else ""
         log(f"stopped after writing a checkpoint{got}; it resumes from {plan.run_dir} when run again with "
             f"--out {plan.run_dir} or requeued")
+    return rc
+
+
+def requeue_lost(rc, plan):
+    """A rank or host was lost: requeue (the newest checkpoint is intact), unless the bound is used up."""
+    path = os.path.join(plan.run_dir, LOST_FILE)
+    try:
+        with open(path) as f:
+            done = sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        done = 0
+    what = "a rank or host was lost" if rc == EXIT_PEER_LOST else "a rank was killed"
+    if done >= plan.lost_requeues:
+        plan.log(f"{what} (status {rc}); not requeueing: {done} requeue(s) after lost ranks already "
+                 f"(--lost-requeues {plan.lost_requeues}); resume with --out {plan.run_dir}")
+        return rc
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.time(), "status": rc, "tag": plan.log.tag}) + "\n")
+    plan.log(f"{what} (status {rc}): requeueing job, {done + 1} of at most {plan.lost_requeues}; "
+             f"it resumes from the newest checkpoint in {plan.run_dir}")
+    requeue(plan.opts.requeue, plan.run_dir, plan.log, reason="lost")
     return rc
 
 

@@ -10,6 +10,7 @@ directory dpbp/runs.py, the held-out figures dpbp/evaluate.py, rank 0's output d
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import os
 import sys
@@ -255,6 +256,25 @@ def finish(job, wall):
     job.progress.summary(step - job.start, step, wall, job.val_rec, final)
 
 
+def finalize_within(comm, timeout):
+    """MPI_Finalize, the process ended after `timeout` s (0: never) if it does not return by then.
+
+    mpi4py holds the GIL in MPI_Finalize, so no Python thread (the watchdog neither) runs while it waits;
+    and it can wait for ever: MPICH's PMI barrier there needs the launcher, which Slurm may have killed
+    (a host whose slurmd died: after the NODE_FAIL the other host's srun is gone, and this host's ranks
+    sat in a read of the PMI socket). faulthandler's timer is a C thread, which needs no GIL: it prints
+    every thread's stack and _exit(1)s. The watched barrier first lets the watchdog judge the waits that
+    are legitimately long (rank 0 writing the last checkpoint), so the ranks enter MPI_Finalize together."""
+    comm.barrier()
+    if timeout > 0:
+        faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        comm.finalize()
+    finally:
+        if timeout > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
 def train(request, comm, finalize=False):
     """Train as the request says (collective); returns the Job, its status 0, EXIT_PREEMPTED or
     EXIT_INTERRUPTED.
@@ -268,7 +288,7 @@ def train(request, comm, finalize=False):
         job = setup(request, comm, lambda cfg: started.append(Watchdog.start(comm, cfg["comm.timeout"], "dpbp.train")))
         job.status = run_job(job, stop, faults)
         if finalize:
-            comm.finalize()
+            finalize_within(comm, job.cfg["comm.timeout"])
         return job
     finally:
         for dog in filter(None, started):

@@ -137,6 +137,26 @@ def fit(P, sizes, times):
     return alpha, beta, pred, float(np.median(rel))
 
 
+def fit_two_part(P, sizes, times, small=4096, large=1 << 20):
+    """(alpha, beta) from the two ends of the sweep separately: alpha from messages of at most `small`
+    bytes (their median time / 2(P-1): the bandwidth term is negligible there), beta from an ordinary
+    least-squares line T = a + b n over messages of at least `large` bytes (beta = 2(P-1)/P / b).
+
+    Why: across a network one line rarely fits 8 B to 16 MiB (eager/rendezvous switch, a shaper's token
+    bucket passing medium messages at full speed), and the two ends are what a step's one big Allreduce
+    (beta) and a bucket's or a small model's many small ones (alpha) cost. None when an end has no points.
+    """
+    n = np.asarray(sizes, float)
+    t = np.asarray(times, float)
+    lo, hi = n <= small, n >= large
+    if not lo.any() or hi.sum() < 2:
+        return None
+    alpha = float(np.median(t[lo])) / (2 * (P - 1))
+    b = float(np.polyfit(n[hi], t[hi], 1)[0])
+    beta = (2 * (P - 1) / P) / b if b > 0 else math.inf
+    return alpha, beta
+
+
 def fmt_bytes(n):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -219,6 +239,10 @@ def main(argv=None):
           f"(least absolute relative error over {len(sizes)} sizes)", file=out)
     print(f"alpha = {alpha * 1e6:.3f} us   beta = {beta / 1e9:.3f} GB/s   "
           f"(median relative error {med_err:.0%}, worst {worst:.0%})", file=out)
+    two = fit_two_part(P, sizes, times)
+    if two is not None:
+        print(f"two-part: alpha = {two[0] * 1e6:.3f} us (median of the messages <= 4 KiB)   "
+              f"beta = {two[1] / 1e9:.3f} GB/s (line through the messages >= 1 MiB)", file=out)
     report_predictions(alpha, beta, args.compute, args.compute_100m, args.dtype_bytes, out)
     return 0
 

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from dpbp import checkpoint as ckpt
+from dpbp.errors import EXIT_PEER_LOST
 from tests.conftest import REPO, clean_env, mpirun_exe
 from tests.jobs import small
 
@@ -269,3 +270,39 @@ def test_sigint_to_real_ranks_writes_a_checkpoint_and_exits_75(tmp_path):
     arrays, meta = ckpt.load(run / f"ckpt-{steps[-1]:08d}.npz")  # its checksum is verified
     assert meta["step"] == steps[-1] < 400 and meta["world_size"] == 2
     assert not (run / "final.npz").exists()
+
+
+LOST_REQUEUE = ["--requeue", 'echo "$DPBP_REQUEUE_REASON" >> requeued']
+
+
+@pytest.mark.parametrize("mode, status", [(f"exit:{EXIT_PEER_LOST}", EXIT_PEER_LOST),
+                                          ("kill", 128 + signal.SIGKILL)])
+def test_a_lost_rank_or_host_requeues_at_most_the_bound(tmp_path, mode, status):
+    """Status EXIT_PEER_LOST (a watchdog gave up on a peer) or a SIGKILLed rank: the requeue command runs
+    with DPBP_REQUEUE_REASON=lost, once per attempt, and no more than --lost-requeues times for one run
+    directory; the status is passed on either way."""
+    bound = 2
+    for attempt in range(bound + 1):
+        rc, out = Launch(tmp_path, mode, ["-n", "2", "--lost-requeues", bound, *LOST_REQUEUE],
+                         [CONFIG, "--out", "run"]).finish()
+        assert rc == status, out
+        if attempt < bound:
+            assert f"requeueing job, {attempt + 1} of at most {bound}" in out, out
+    assert (tmp_path / "requeued").read_text().split() == ["lost"] * bound
+    assert f"not requeueing: {bound} requeue(s) after lost ranks already" in out, out
+    lines = (tmp_path / "run" / "lost-requeues.jsonl").read_text().splitlines()
+    assert [json.loads(line)["status"] for line in lines] == [status] * bound
+
+
+@pytest.mark.parametrize("mode, options", [("exit:3", ["--lost-requeues", "3"]),  # a fault: not lost
+                                           ("exit:1", ["--lost-requeues", "3"]),  # a crash: would repeat
+                                           (f"exit:{EXIT_PEER_LOST}", [])])      # the bound defaults to 0
+def test_other_failures_and_no_bound_do_not_requeue(tmp_path, mode, options):
+    rc, out = Launch(tmp_path, mode, ["-n", "2", *options, *LOST_REQUEUE], [CONFIG, "--out", "run"]).finish()
+    assert rc == int(mode[5:]) and not (tmp_path / "requeued").exists(), out
+
+
+def test_dpbp_requeue_0_also_stops_the_lost_requeue(tmp_path):
+    rc, out = Launch(tmp_path, f"exit:{EXIT_PEER_LOST}", ["-n", "2", "--lost-requeues", "3", *LOST_REQUEUE],
+                     [CONFIG, "--out", "run"], env={"DPBP_REQUEUE": "0"}).finish()
+    assert rc == EXIT_PEER_LOST and not (tmp_path / "requeued").exists(), out

@@ -6,6 +6,8 @@
 #                           in the calling shell address this cluster (SLURM_CONF + wrapper scripts on PATH)
 #   hosts.sh exec K CMD...  run CMD in host K's network (and UTS, IPC) namespace
 #   hosts.sh link K down|up cut or restore host K's link to the switch
+#   hosts.sh shape K RATE|off  cap host K's link at RATE (tc tbf, e.g. 1gbit, 10gbit) both ways, or remove the cap
+#   hosts.sh slurmd K kill|start  SIGKILL host K's slurmd (its job steps run on), or start it again (recorded)
 #   hosts.sh down           stop everything `up` started (by recorded PID), delete the namespaces and links
 #   hosts.sh status         print the state directory, the hosts and their processes (exit 1 if not up)
 # Exit status: 0 done, 2 usage or failure, 3 the packages it needs (${PACKAGES[*]}) cannot be installed.
@@ -36,7 +38,7 @@ PIDS=$DIR/run/pids
 CONF=$DIR/etc/slurm.conf
 SBIN=/usr/sbin:/usr/bin:/sbin:/bin
 PACKAGES=(slurmctld slurmd slurm-client munge iproute2 util-linux)
-NEEDED=(slurmctld slurmd sbatch srun scontrol sinfo squeue scancel munged ip nsenter unshare setpriv)
+NEEDED=(slurmctld slurmd sbatch srun scontrol sinfo squeue scancel munged ip tc nsenter unshare setpriv)
 CLIENTS=(sbatch squeue scancel scontrol sinfo srun salloc)
 export PATH=$PATH:$SBIN
 
@@ -332,6 +334,48 @@ cmd_link() {
     ip -n "$SW" link set "$PFX-v$k" "$how"
 }
 
+# tbf on both ends of host K's veth: eth0 in the host (what it sends) and P-vK in the switch (what it
+# receives); tbf shapes egress only. No netem in this kernel, so latency cannot be added, only a rate cap.
+# burst: 1 ms of the rate (at least 64 kB, what a 1 Gbit/s link needs not to drop GSO-sized packets).
+cmd_shape() {
+    local k=${1:-} rate=${2:-} bytes burst
+    check_k "$k"
+    [ -n "$rate" ] || die "usage: hosts.sh shape K RATE|off (RATE as tc writes it: 1gbit, 10gbit, 500mbit)"
+    tc -n "$SW" qdisc del dev "$PFX-v$k" root 2>/dev/null || true
+    tc -n "$(host_ns "$k")" qdisc del dev eth0 root 2>/dev/null || true
+    [ "$rate" = off ] && return 0
+    [[ $rate =~ ^([0-9]+)(k|m|g)bit$ ]] || die "RATE must look like 1gbit, 10gbit or 500mbit, not '$rate'"
+    case ${BASH_REMATCH[2]} in k) bytes=$((BASH_REMATCH[1] * 125)) ;; m) bytes=$((BASH_REMATCH[1] * 125000)) ;;
+                               g) bytes=$((BASH_REMATCH[1] * 125000000)) ;; esac
+    burst=$((bytes / 1000)); [ "$burst" -ge 65536 ] || burst=65536
+    tc -n "$SW" qdisc add dev "$PFX-v$k" root tbf rate "$rate" burst "$burst" latency 50ms
+    tc -n "$(host_ns "$k")" qdisc add dev eth0 root tbf rate "$rate" burst "$burst" latency 50ms
+}
+
+# slurmd K kill: a dead slurmd (the node's job steps keep running, as on a real node); start: hostinit
+# starts it again on SIGUSR1, and the new slurmd is recorded, so that `up`, `env` and `down` know it.
+cmd_slurmd() {
+    local k=${1:-} how=${2:-} pid st init sd=""
+    check_k "$k"
+    read -r pid st < <(entries "slurmd.$k" | tail -n 1) || true
+    case $how in
+        kill) alive "$pid" "$st" && kill -KILL "$pid"; return 0 ;;
+        start) alive "$pid" "$st" && return 0 ;;
+        *) die "usage: hosts.sh slurmd K kill|start" ;;
+    esac
+    init=$(pid_of "init.$k")
+    kill -USR1 "$init" || die "host $k is not running"
+    for _ in $(seq 200); do
+        for c in $(children "$init"); do [ "$(comm_of "$c")" = slurmd ] && sd=$c; done
+        if [ -n "$sd" ]; then  # the dead one's line replaced: run/pids lists what runs
+            grep -v "^slurmd\.$k " "$PIDS" > "$PIDS.new" || true; mv "$PIDS.new" "$PIDS"
+            record "slurmd.$k" "$sd"; return 0
+        fi
+        sleep 0.025
+    done
+    die "host $k: slurmd did not start again; see $DIR/log/host.$k.console"
+}
+
 cmd_status() {
     is_up || { echo "not up ($DIR)"; return 1; }
     echo "up: $(nhosts) hosts, state $DIR, prefix $PFX"
@@ -345,6 +389,8 @@ case ${1:-} in
     env) cmd_env ;;
     exec) shift; cmd_exec "$@" ;;
     link) shift; cmd_link "$@" ;;
+    shape) shift; cmd_shape "$@" ;;
+    slurmd) shift; cmd_slurmd "$@" ;;
     status) cmd_status ;;
-    *) die "usage: hosts.sh up N | env | exec K CMD... | link K down|up | down | status" ;;
+    *) die "usage: hosts.sh up N | env | exec K CMD... | link K down|up | shape K RATE|off | slurmd K kill|start | down | status" ;;
 esac; exit  # on the same line: bash has read the whole command before the file could change
