@@ -28,8 +28,9 @@ Requeue: when the ranks exit 75 and the first signal was SIGUSR1 (the time-limit
 --signal=B:USR1@120, pbs.sh's --warn-after timer), the --requeue command runs (bash -c, with
 DPBP_RUN_DIR set to the absolute run directory and DPBP_REQUEUE_REASON=time-limit), unless
 DPBP_REQUEUE=0. Other stops only exit 75. A lost rank or host -- the ranks end with EXIT_PEER_LOST
-(their watchdog gave up on a peer) or a rank was killed (128 + SIGKILL, or 9 from hydra: a host's ranks died, or the
-launch command killed a stalled rank) -- also runs the --requeue command (DPBP_REQUEUE_REASON=lost),
+(their watchdog gave up on a peer) or a rank was killed or crashed (128 + SIGKILL, SIGSEGV, SIGBUS or SIGABRT,
+or the bare signal number from hydra: a host's ranks died, the launch command killed a stalled rank, or a
+survivor crashed inside MPI when its peer vanished) -- also runs the --requeue command (DPBP_REQUEUE_REASON=lost),
 at most --lost-requeues times per run directory (counted in RUN_DIR/lost-requeues.jsonl); the
 requeued job resumes from the newest checkpoint. Not when this process got a stop signal first (the
 scheduler is ending or requeueing the job itself).
@@ -66,7 +67,10 @@ WARNING = signal.SIGUSR1  # the time-limit warning: its checkpoint is followed b
 ARGS_FILE = "launch.args"
 LOG_FILE = "launch.log"
 LOST_FILE = "lost-requeues.jsonl"  # one line per requeue after a lost rank or host: the bound's count
-LOST = (EXIT_PEER_LOST, 128 + signal.SIGKILL, signal.SIGKILL)  # "a rank or host was lost"; hydra says 9
+# A rank killed (a host's ranks died, or the launch command killed a stalled rank), or crashed inside MPI
+# as UCX may when a peer vanishes mid-message (seen: SIGSEGV in the survivor of a killed host).
+LOST_SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+LOST = (EXIT_PEER_LOST, *(128 + s for s in LOST_SIGNALS), *LOST_SIGNALS)  # srun says 128+N, hydra N
 SHAPE = "python -m dpbp.launch [OPTIONS] -- LAUNCH COMMAND... -- CONFIG [dpbp.train options...]"
 
 
@@ -100,7 +104,8 @@ def make_parser():
     p.add_argument("--requeue", metavar="SHELL_COMMAND",
                    help="run after the checkpoint that followed a SIGUSR1 (the time-limit warning)")
     p.add_argument("--lost-requeues", metavar="N", default="0",
-                   help=f"after a lost rank or host (status {EXIT_PEER_LOST} or {128 + signal.SIGKILL}) run the "
+                   help=f"after a lost rank or host (status {EXIT_PEER_LOST}, or a rank killed or crashed: "
+                        f"{', '.join(str(128 + s) for s in LOST_SIGNALS)}) run the "
                         "--requeue command, at most N times per run directory (default 0: never)")
     p.add_argument("--warn-after", metavar="SECONDS",
                    help="send this process SIGUSR1 after SECONDS (at least 1): a scheduler without a "
@@ -420,7 +425,7 @@ def requeue_lost(rc, plan):
             done = sum(1 for line in f if line.strip())
     except FileNotFoundError:
         done = 0
-    what = "a rank or host was lost" if rc == EXIT_PEER_LOST else "a rank was killed"
+    what = {EXIT_PEER_LOST: "a rank or host was lost"}.get(rc, "a rank was killed or crashed")
     if done >= plan.lost_requeues:
         plan.log(f"{what} (status {rc}); not requeueing: {done} requeue(s) after lost ranks already "
                  f"(--lost-requeues {plan.lost_requeues}); resume with --out {plan.run_dir}")

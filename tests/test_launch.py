@@ -276,7 +276,9 @@ LOST_REQUEUE = ["--requeue", 'echo "$DPBP_REQUEUE_REASON" >> requeued']
 
 
 @pytest.mark.parametrize("mode, status", [(f"exit:{EXIT_PEER_LOST}", EXIT_PEER_LOST),
-                                          ("kill", 128 + signal.SIGKILL)])
+                                          ("kill", 128 + signal.SIGKILL),
+                                          # a survivor crashed in MPI (UCX) when its peer's host died
+                                          (f"exit:{128 + signal.SIGSEGV}", 128 + signal.SIGSEGV)])
 def test_a_lost_rank_or_host_requeues_at_most_the_bound(tmp_path, mode, status):
     """Status EXIT_PEER_LOST (a watchdog gave up on a peer) or a SIGKILLed rank: the requeue command runs
     with DPBP_REQUEUE_REASON=lost, once per attempt, and no more than --lost-requeues times for one run

@@ -182,7 +182,9 @@ def assert_culprit_named(run: Run, culprit: str, host: str = "") -> None:
     lines = [line for line in log.splitlines()
              if "stopped answering" in line and culprit in line and host in line]
     assert len(lines) == 1 and "exit status 4" in lines[0], log
-    assert re.search(r"srun: error: \S+: tasks 0-1: Exited with exit code 4", log), log
+    # the survivors exit 4; one of them may instead crash inside MPI when its peer's host dies (UCX:
+    # SIGSEGV seen under load; the message then names it too, and the launcher requeues all the same)
+    assert re.search(r"srun: error: \S+: tasks? (0-1|0|1): Exited with exit code 4", log), log
 
 
 @pytest.mark.timeout(420)
