@@ -254,11 +254,12 @@ def memory_need(cfg, n_train, size):
     kind = cfg["optim.kind"]
     copies = 2 if kind in ("adam", "adamw") else (1 if cfg["optim.momentum"] else 0)  # m and v; momentum
     n_state = -(-n // size) if cfg["optim.shard"] and size > 1 else n
-    rows = -(-min(cfg["data.batch_size"], n_train) // size)  # this rank's share of a batch
+    batch = min(cfg["data.batch_size"], n_train)
+    rows = max(shares(batch, size))  # the largest rank's share of a batch
     reduce_copies = 1  # fast: one flat buffer
     if cfg["comm.reduce"] == "reproducible":  # buf, the integer sums, a buffer per local chunk but the last
         chunk = cfg["comm.chunk"]
-        reduce_copies = 1 + -(-(-(-min(cfg["data.batch_size"], n_train) // chunk)) // size)
+        reduce_copies = 1 + max(shares(-(-batch // chunk), size))  # the most chunks any rank computes
         rows = min(rows, chunk)
     micro = cfg["data.micro_batch"]
     if micro and micro < rows:
