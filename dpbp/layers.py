@@ -272,8 +272,7 @@ def dropout_forward(out, p, seed, step, positions, layer, mask=None, work=None, 
         rows = slice(a, a + len(bits))  # chunk by chunk, while the chunk is in cache
         np.greater_equal(bits, threshold, out=keep)
         s = mask[rows]
-        np.copyto(s, keep)  # m: 0 or 1
-        s *= scale  # s = m / (1 - p)
+        np.multiply(keep, scale, out=s, dtype=s.dtype)  # s = m / (1 - p): m (0 or 1) times scale in out's dtype
         np.multiply(x[rows], s, out=out[rows])
     return out, mask
 

@@ -27,6 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
+from dpbp.workers import pool, run_parts, split
+
 BLOCK = 1 << 17  # values updated together: the block's w, state, g and update stay in cache between passes
 KINDS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -55,6 +57,25 @@ def _blocks(n):
     return [slice(a, min(a + BLOCK, n)) for a in range(0, n, BLOCK)]
 
 
+class _Split:
+    """An update's blocks shared out among `threads` threads (dpbp.workers), each with its own scratch:
+    every element gets the same operations in the same order, so any thread count gives the same bits."""
+
+    def __init__(self, items, dtype, threads):
+        self.parts = split(items, threads)
+        self.scratch = [np.empty(min(BLOCK, max(1, sum(_size(i) for i in part))), dtype) for part in self.parts]
+        self.workers = pool(len(self.parts))
+
+    def run(self, fn):
+        """fn(part, scratch) for every part, on the pool's threads; returns when all are done."""
+        run_parts(lambda k, part: fn(part, self.scratch[k]), self.parts, self.workers)
+
+
+def _size(item):
+    b = item[0] if isinstance(item, tuple) else item
+    return b.stop - b.start
+
+
 def _check_params(params):
     if not (isinstance(params, np.ndarray) and params.ndim == 1 and params.dtype.kind == "f"):
         raise ValueError("params must be a 1-D floating-point array (the flat parameter buffer or a slice of it)")
@@ -77,27 +98,27 @@ class SGD:
     update sets v = g as torch does. lr given here is the default for step(grad) without a rate.
     """
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False):
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, threads=1):
         _check_params(params)
         if nesterov and not momentum:
             raise ValueError("nesterov needs a momentum > 0")
         self.params, self.lr, self.momentum, self.nesterov = params, lr, momentum, nesterov
         self.velocity = np.zeros_like(params) if momentum else None
-        n = params.size
-        self._update = np.empty(min(BLOCK, n), params.dtype)  # lr v (or lr (g + mu v)) for one block
-        self._blocks = _blocks(n)
+        self._split = _Split(_blocks(params.size), params.dtype, threads)  # lr v (or lr (g + mu v)) per block
 
     def step(self, grad, lr=None):
         """Update params in place from grad (n,) (same dtype as params) with rate lr (default: self.lr).
 
         NumPy cannot fuse v *= mu, v += g, lr v, w -= lr v into one pass, so they run block by block:
         each block's arrays are read from memory once and stay in cache for the other passes, and no
-        parameter-sized temporary is needed.
+        parameter-sized temporary is needed. The blocks are shared out among the threads (_Split).
         """
-        params, v, mu, update = self.params, self.velocity, self.momentum, self._update
         lr = self.lr if lr is None else lr
-        nesterov = self.nesterov
-        for b in self._blocks:
+        self._split.run(lambda blocks, update: self._update_blocks(blocks, update, grad, lr))
+
+    def _update_blocks(self, blocks, update, grad, lr):
+        params, v, mu, nesterov = self.params, self.velocity, self.momentum, self.nesterov
+        for b in blocks:
             u = update[:b.stop - b.start]
             if v is None:
                 np.multiply(grad[b], lr, out=u)
@@ -132,7 +153,7 @@ class Adam:
     params, m, v: (n,), m and v in params' dtype (as torch keeps them), zero at the start; t = 0.
     """
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, threads=1):
         _check_params(params)
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0) or eps < 0.0:
@@ -142,8 +163,14 @@ class Adam:
         self.exp_avg_sq = np.zeros_like(params)
         self.t = 0
         self.weight_decay = 0.0
-        self._update = np.empty(min(BLOCK, params.size), params.dtype)
-        self._plan = [(b, ()) for b in _blocks(params.size)]  # (block, the weight slices inside it to decay)
+        self.threads = threads
+        self._plan(())
+
+    def _plan(self, weight_slices):
+        """Blocks, each with the weight slices inside it to decay (AdamW), shared out among the threads."""
+        plan = [(b, tuple(slice(max(b.start, a), min(b.stop, c)) for a, c in weight_slices
+                          if a < b.stop and c > b.start)) for b in _blocks(self.params.size)]
+        self._split = _Split(plan, self.params.dtype, self.threads)
 
     def step(self, grad, lr=None):
         """Update params in place from grad (n,) with rate lr (default: self.lr), block by block as SGD.
@@ -157,8 +184,11 @@ class Adam:
         step_size = lr / (1.0 - b1 ** self.t)
         bc2_sqrt = (1.0 - b2 ** self.t) ** 0.5  # torch writes ** 0.5, not math.sqrt
         keep = 1.0 - lr * self.weight_decay
-        params, m, v, eps, update = self.params, self.exp_avg, self.exp_avg_sq, self.eps, self._update
-        for b, decay in self._plan:
+        self._split.run(lambda plan, update: self._update_blocks(plan, update, grad, step_size, bc2_sqrt, keep))
+
+    def _update_blocks(self, plan, update, grad, step_size, bc2_sqrt, keep):
+        params, m, v, eps, (b1, b2) = self.params, self.exp_avg, self.exp_avg_sq, self.eps, self.betas
+        for b, decay in plan:
             for d in decay:  # AdamW: w <- w (1 - lr lambda), before the Adam update, as torch does
                 params[d] *= keep
             u, gb, mb, vb = update[:b.stop - b.start], grad[b], m[b], v[b]
@@ -196,15 +226,14 @@ class AdamW(Adam):
     ``weight_slices_of`` and, for an optimizer on a slice of the buffer, ``shard_slices``).
     """
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, weight_slices=()):
-        super().__init__(params, lr, betas, eps)
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, weight_slices=(), threads=1):
+        super().__init__(params, lr, betas, eps, threads)
         if weight_decay < 0.0:
             raise ValueError(f"weight_decay must be >= 0, not {weight_decay}")
         self.weight_decay = float(weight_decay)
         self.weight_slices = _checked_slices(weight_slices, params.size)
-        self._plan = [(b, tuple(slice(max(b.start, a), min(b.stop, c)) for a, c in self.weight_slices
-                                if a < b.stop and c > b.start))
-                      for b, _ in self._plan] if self.weight_decay else self._plan
+        if self.weight_decay:
+            self._plan(self.weight_slices)
 
 
 def _checked_slices(slices, n):
@@ -238,8 +267,8 @@ def shard_slices(weight_slices, lo, hi):
 
 
 def make_optimizer(kind, params, lr, momentum=0.0, nesterov=False, betas=(0.9, 0.999), eps=1e-8,
-                   weight_decay=0.0, weight_slices=()) -> Optimizer:
-    """The optimizer `kind` ("sgd", "adam" or "adamw") over params (n,).
+                   weight_decay=0.0, weight_slices=(), threads=1) -> Optimizer:
+    """The optimizer `kind` ("sgd", "adam" or "adamw") over params (n,), its update run on `threads` threads.
 
     sgd uses momentum and nesterov; adam and adamw use betas and eps; adamw alone uses weight_decay
     (decoupled, on weight_slices). torch's coupled weight_decay for SGD and Adam (g + lambda w) is the
@@ -253,10 +282,10 @@ def make_optimizer(kind, params, lr, momentum=0.0, nesterov=False, betas=(0.9, 0
     if nesterov and kind != "sgd":
         raise ValueError(f"nesterov is for sgd, not {kind}")
     if kind == "sgd":
-        return SGD(params, lr, momentum, nesterov)
+        return SGD(params, lr, momentum, nesterov, threads)
     if kind == "adam":
-        return Adam(params, lr, betas, eps)
-    return AdamW(params, lr, betas, eps, weight_decay, weight_slices)
+        return Adam(params, lr, betas, eps, threads)
+    return AdamW(params, lr, betas, eps, weight_decay, weight_slices, threads)
 
 
 # ---------------------------------------------------------------- learning-rate schedule

@@ -26,6 +26,7 @@ from dpbp.optim import (BLOCK, block_square_sums, clip_by_norm, lr_at, make_opti
 from dpbp.partition import shares
 from dpbp.reduce import CORRECT, LOSS, STOP, Layout, make_reducer
 from dpbp.runs import model_of
+from dpbp.threads import element_wise_threads
 
 
 class StepStats(NamedTuple):
@@ -241,7 +242,7 @@ def build_optimizer(cfg, params, shapes, bounds=None):
     return make_optimizer(kind, params[lo:hi], cfg["optim.lr"], momentum=cfg["optim.momentum"] if kind == "sgd" else 0.0,
                           nesterov=cfg["optim.nesterov"], betas=tuple(cfg["optim.betas"]), eps=cfg["optim.eps"],
                           weight_decay=cfg["optim.weight_decay"] if kind == "adamw" else 0.0,
-                          weight_slices=shard_slices(weight_slices_of(shapes), lo, hi))
+                          weight_slices=shard_slices(weight_slices_of(shapes), lo, hi), threads=element_wise_threads())
 
 
 def memory_need(cfg, n_train, size):

@@ -85,6 +85,19 @@ def slurm_local_tasks(environ):
     return counts[node]
 
 
+def element_wise_threads(environ=os.environ, usable_cores=None):
+    """Threads for the element-wise passes of a step (dpbp.workers): as many as this rank's BLAS runs.
+
+    The first thread variable set, in OpenBLAS's order of precedence (apply_default sets them all), else
+    every core this rank may use (BLAS's own default); never more than those cores, at least one."""
+    cores = affinity_cores() if usable_cores is None else usable_cores
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        value = (environ.get(k) or "").strip()
+        if value:
+            return max(1, min(int(value), cores)) if value.isdigit() else 1
+    return max(1, cores)
+
+
 def apply_default(environ=os.environ):
     threads = default_blas_threads(environ, affinity_cores())
     if threads is None:

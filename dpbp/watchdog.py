@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -59,6 +60,7 @@ class Watchdog:
         self.asked_since = self.last_ask = 0.0
         self.stopped = False
         self.job = None  # start's token of this world, in every datagram
+        self.processes = {}  # rank -> (pid, start time in clock ticks since boot): to end a stopped peer
         self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
 
     @classmethod
@@ -74,10 +76,11 @@ class Watchdog:
         dog.slot.phase = "start-up"
         comm.watch(dog.slot)
         dog.thread.start()
-        me = (socket.gethostname(), host_address() or "127.0.0.1", sock.getsockname()[1])
+        me = (socket.gethostname(), host_address() or "127.0.0.1", sock.getsockname()[1], os.getpid(), started(os.getpid()))
         everyone = comm.allgather(me)
         dog.job = zlib.crc32(repr(everyone).encode())  # the same on every rank: strangers' datagrams are ignored
-        dog.peers = {r: tuple(p) for r, p in enumerate(everyone) if r != comm.rank}
+        dog.peers = {r: tuple(p[:3]) for r, p in enumerate(everyone) if r != comm.rank}
+        dog.processes = {r: tuple(p[3:]) for r, p in enumerate(everyone) if r != comm.rank}
         return dog
 
     def stop(self):
@@ -158,12 +161,26 @@ class Watchdog:
         if now - self.asked_since >= half and self.peers:
             verdict = self._verdict(now, waited)
             if verdict is not None:
-                self._end(*verdict, tell=[r for r in self.peers if r in self.heard])
+                self._kill_stopped(verdict[2])
+                self._end(*verdict[:2], tell=[r for r in self.peers if r in self.heard])
+
+    def _kill_stopped(self, silent):
+        """SIGKILL the silent peers on this host, checked by PID and start time (never a reused PID).
+
+        A SIGSTOPped rank cannot leave by itself, and a launcher may wait for it for as long as it stays
+        (mpirun usually kills it when a survivor exits non-zero; not always: observed > 40 s in CI).
+        The attempt ends anyway, so the survivors end it too."""
+        here = socket.gethostname()
+        for r in silent:
+            pid, start = self.processes.get(r, (None, None))
+            if pid is not None and self.peers[r][0] == here and started(pid) == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------ the verdict
 
     def _verdict(self, now, waited):
-        """None while every peer answers and none is over its allowance; else (message, printer)."""
+        """None while every peer answers and none is over its allowance; else (message, printer, silent)."""
         T, half = self.timeout, self.timeout / 2
         silent, stuck = [], []
         for r in sorted(self.peers):
@@ -194,7 +211,7 @@ class Watchdog:
             text = f"every rank answers but MPI delivers nothing: at {where} {waiting} ({LONG} x comm.timeout; {limit})"
         else:
             return None
-        return text, printer
+        return text, printer, silent
 
     def who(self, ranks):
         """Ranks with their hosts, grouped by host: "rank 1 (host b, 10.0.0.2)", "ranks 2, 3 (all of host c, 10.0.0.3)"."""
@@ -223,6 +240,15 @@ class Watchdog:
             sys.stderr.flush()
         finally:
             os._exit(EXIT_PEER_LOST)
+
+
+def started(pid):
+    """A process's start time (clock ticks after boot, /proc/PID/stat field 22); None when gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def busy_words(answer):

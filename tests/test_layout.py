@@ -1,7 +1,8 @@
 """The dependency direction of dpbp/, held: each module imports only from its own floor or the floors below.
 
     floor 0  errors, threads                       the stdlib only
-    floor 1  maths: layers, losses, model, optim   numpy only
+    floor 1  maths: layers, losses, model, optim,  numpy only (workers: its threads, the stdlib only)
+                    workers
              leaves: data/, partition, checkpoint, config
     floor 2  comm                                  the only module that imports mpi4py
     floor 3  reduce
@@ -22,7 +23,7 @@ import pytest
 
 from tests.conftest import REPO
 
-MATHS = {"layers", "losses", "model", "optim"}
+MATHS = {"layers", "losses", "model", "optim", "workers"}
 FLOORS = {
     0: {"errors", "threads"},
     1: MATHS | {"data", "partition", "checkpoint", "config"},

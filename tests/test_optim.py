@@ -296,6 +296,34 @@ def test_optimizers_on_any_partition_of_the_buffer_update_bitwise_like_the_whole
             np.testing.assert_array_equal(np.concatenate([o.state()[key] for _, _, o in shards]), value)
 
 
+THREADED_SHAPES = param_shapes([600, 700, 40])  # n = 448,740: four BLOCKs, so 2 and 3 threads share them out
+THREADED_N = sum(int(np.prod(s)) for s in THREADED_SHAPES)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("threads", [2, 3])
+def test_an_update_on_several_threads_is_bitwise_the_one_thread_update(name, threads):
+    """The blocks of an update run on a pool's threads (dpbp.workers); each element must still get the
+    one-thread arithmetic: params and state bitwise equal to threads=1 after several updates."""
+    slices = weight_slices_of(THREADED_SHAPES)
+    w0 = np.random.default_rng(14).normal(size=THREADED_N).astype(np.float32)
+    one, many = w0.copy(), w0.copy()
+    kw = dict(KINDS[name])
+    kind = kw.pop("kind")
+    if name == "adamw":
+        kw["weight_slices"] = slices
+    single = make_optimizer(kind, one, **kw)
+    threaded = make_optimizer(kind, many, **kw, threads=threads)
+    assert len(threaded._split.parts) == threads  # the work really is shared out
+    for g, lr in zip(gradients(THREADED_N, 3, seed=15, dtype=np.float32), LRS):
+        single.step(g, lr)
+        threaded.step(g, lr)
+    np.testing.assert_array_equal(many, one)
+    assert not np.array_equal(one, w0)
+    for key, value in single.state().items():
+        np.testing.assert_array_equal(threaded.state()[key], value)
+
+
 def test_shard_slices_clip_and_shift_the_weight_slices():
     slices = [(0, 10), (12, 20), (25, 30)]
     assert shard_slices(slices, 5, 15) == [(0, 5), (7, 10)]

@@ -107,6 +107,7 @@ def test_a_stopped_rank_ends_the_attempt_with_one_message_naming_it(tmp_path, ra
     waiter = int(re.search(r"rank (\d+) waited [\d.]+ s in MPI_", line).group(1))  # whichever decided first
     assert waiter != victim and waiter < ranks, line
     assert all(gone(pid) for r, pid in pids.items() if r != victim)  # every survivor left by itself
+    assert gone(pids[victim])  # and the stopped rank was ended (by a survivor on its host, or by mpirun)
     arrays, meta = load(list_checkpoints(out_dir)[0])  # the newest checkpoint is intact
     assert meta["step"] <= logged + 1 and all(np.isfinite(a).all() for a in arrays.values())
 
@@ -187,8 +188,8 @@ def test_the_verdict_names_silent_ranks_by_host_and_picks_the_lowest_answering_p
     dog.slot.step, dog.slot.what = 7, "MPI_Allreduce"
     now = 100.0
     dog.heard = {0: (now - 0.1, {"in": "MPI_Allreduce", "for": 2.0, "step": 7, "phase": None})}
-    text, printer = dog._verdict(now, 3.2)
-    assert printer == 0
+    text, printer, silent = dog._verdict(now, 3.2)
+    assert printer == 0 and silent == [2, 3]
     assert text.startswith("ranks 2, 3 (all of host b, 10.0.0.2) stopped answering at step 7: rank 1 waited 3.2 s "
                            "in MPI_Allreduce for them"), text
 

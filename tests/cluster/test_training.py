@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,8 +54,34 @@ def one_host(tmp_path_factory) -> dict:
     return out
 
 
+# Slurm's mpi/pmi2 plugin sometimes rejects a PMI put of the wheel's MPICH at start-up (a segment of a long
+# business card read past its end; docs/test-cluster.md, "Pitfalls"): one rank dies in MPI_Init. It is a
+# third-party start-up bug, not what these tests check, so a job that hit it (and only that) runs again.
+PMI_FLAKE = "value not properly terminated"
+PMI_RETRIES = 2
+
+
+def pmi_flake_lines(cluster) -> int:
+    return sum(f.read_text(errors="replace").count(PMI_FLAKE) for f in (cluster.root / "log").glob("slurmd.*"))
+
+
 def run_job(cluster, tmp_path, args, env) -> tuple[dict, str, dict]:
     """sbatch args; wait for the end; (scontrol's job info, the job's output, bytes each host sent)."""
+    for attempt in range(PMI_RETRIES + 1):
+        flakes = pmi_flake_lines(cluster)
+        info, log, sent = submit_and_wait(cluster, tmp_path, args, env)
+        hit = pmi_flake_lines(cluster) > flakes or PMI_FLAKE in log
+        if not hit or info["JobState"] == "COMPLETED" or attempt == PMI_RETRIES:
+            return info, log, sent
+        print(f"job {info.get('JobId')} hit Slurm's pmi2 start-up flake ({PMI_FLAKE!r}); submitted again")
+        for leftover in (tmp_path / "run", tmp_path / "job.out"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            elif leftover.exists():
+                leftover.unlink()
+
+
+def submit_and_wait(cluster, tmp_path, args, env) -> tuple[dict, str, dict]:
     sent = {k: cluster.tx_bytes(k) for k in range(1, N_HOSTS + 1)}
     out = tmp_path / "job.out"
     env = {**env, "PATH": f"{BIN}:{cluster.env['PATH']}"}  # this venv's python and mpirun in the job

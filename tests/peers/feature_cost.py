@@ -7,7 +7,8 @@ Rows, each timed once per repeat, the repeats interleaved (row 1, row 2, ..., th
   step sgd+momentum   dpbp.step.Trainer.step on the bench's spec (dpbp.bench.SPECS), SGD with momentum 0.9
   step adam           the same with optim.kind = 'adam' (lr 0.001)
   step dropout 0.1    the same as the first with model.dropout = 0.1
-  sgd update          SGD-with-momentum's step(grad, lr) alone on a buffer of the model's 1,863,690 values
+  sgd update          SGD-with-momentum's step(grad, lr) alone on a buffer of the model's 1,863,690 values,
+                      on the BLAS thread count's threads as in the Trainer (dpbp.workers)
   adam update         Adam's step(grad, lr) alone on the same
   dropout fwd         dropout_forward on one (256, 1024) float32 layer, p = 0.1, into a preallocated buffer
   dropout bwd         dropout_backward on the same layer
@@ -32,6 +33,7 @@ from dpbp.layers import dropout_backward, dropout_forward, dropout_workspace
 from dpbp.model import initial_params
 from dpbp.optim import make_optimizer
 from dpbp.step import Trainer
+from dpbp.threads import element_wise_threads
 
 B, N, P = 256, 1024, 0.1
 
@@ -54,7 +56,7 @@ def trainer_step(*extra):
 def update(kind, n, **kw):
     rng = np.random.default_rng(0)
     params, grad = rng.normal(size=(2, n)).astype(np.float32)
-    opt = make_optimizer(kind, params, **kw)
+    opt = make_optimizer(kind, params, **kw, threads=element_wise_threads())  # as the Trainer builds it
     return lambda: opt.step(grad, kw["lr"])
 
 
