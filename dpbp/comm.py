@@ -411,24 +411,37 @@ def start_up_deadline(seconds: float):
     MPI_Init waits in a fence for every rank of the job. A rank that dies before it arrives (a crash at
     start, a lost host) leaves the others there forever when the launcher does not kill them (srun with
     --kill-on-bad-exit=0), and mpi4py holds the GIL during MPI_Init, so no thread of this process can
-    run. A forked watcher can: it waits for the end of the block (the pipe closing) for `seconds`, else
-    the launcher's rank 0 prints the message and the watcher SIGKILLs its parent. Only where an MPI
-    launcher started us (a singleton has no fence); the fork happens before MPI exists.
+    run: a forked watcher (``forked_deadline``) ends it. Only where an MPI launcher started us (a
+    singleton has no fence); the fork happens before MPI exists.
     """
     if not seconds or not launched_by_mpi():
         yield
         return
+    message = (f"dpbp: MPI start-up did not finish within {seconds:g} s: a rank of this job did not start or "
+               f"died while starting (the launcher's messages name it); ending this attempt "
+               f"(DPBP_START_TIMEOUT sets the limit)")
+    with forked_deadline(seconds, message if launcher_rank() in (0, None) else None, kill=True):
+        yield
+
+
+@contextlib.contextmanager
+def forked_deadline(seconds: float, message: str | None, kill: bool):
+    """If the block has not ended within `seconds`, a forked watcher writes `message` (if any) to stderr
+    and, with kill, SIGKILLs this process.
+
+    For blocking calls that hold the GIL (mpi4py's MPI_Init and MPI_Finalize), where no thread of this
+    process can run. The watcher waits for the end of the block (the pipe closing), does nothing else
+    (no Python-level cleanup, no MPI, no BLAS) and is reaped when the block ends."""
     done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the watcher: no Python-level cleanup, no MPI, no BLAS
+    if pid == 0:  # the watcher
         os.close(done_w)
         ended, _, _ = select.select([done_r], [], [], seconds)
         if not ended:
-            if launcher_rank() in (0, None):
-                os.write(2, (f"dpbp: MPI start-up did not finish within {seconds:g} s: a rank of this job "
-                             f"did not start or died while starting (the launcher's messages name it); "
-                             f"ending this attempt (DPBP_START_TIMEOUT sets the limit)\n").encode())
-            os.kill(os.getppid(), signal.SIGKILL)
+            if message:
+                os.write(2, (message + "\n").encode())
+            if kill:
+                os.kill(os.getppid(), signal.SIGKILL)
         os._exit(0)
     os.close(done_r)
     try:

@@ -23,7 +23,8 @@ from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
 from dpbp.config import load_config, with_absolute_paths
 from dpbp.data import batch_indices, batches_per_epoch, load_data
-from dpbp.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingFault, UserError
+from dpbp.comm import forked_deadline
+from dpbp.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch
 from dpbp.progress import Meter, Progress
@@ -257,21 +258,28 @@ def finish(job, wall):
 
 
 def finalize_within(comm, timeout):
-    """MPI_Finalize, the process ended after `timeout` s (0: never) if it does not return by then.
+    """MPI_Finalize, the process ended (status 1, one message from rank 0) after `timeout` s (0: never)
+    if it does not return by then.
 
     mpi4py holds the GIL in MPI_Finalize, so no Python thread (the watchdog neither) runs while it waits;
     and it can wait for ever: MPICH's PMI barrier there needs the launcher, which Slurm may have killed
     (a host whose slurmd died: after the NODE_FAIL the other host's srun is gone, and this host's ranks
-    sat in a read of the PMI socket). faulthandler's timer is a C thread, which needs no GIL: it prints
-    every thread's stack and _exit(1)s. The watched barrier first lets the watchdog judge the waits that
-    are legitimately long (rank 0 writing the last checkpoint), so the ranks enter MPI_Finalize together."""
+    sat in a read of the PMI socket). Two things that need no GIL end it: a forked watcher
+    (comm.forked_deadline) prints the message, and a second later faulthandler's C timer _exit(1)s, its
+    dump of every thread's stack sent to /dev/null (the message says what happened; the stacks would be
+    a wall of text on every rank). The watched barrier first lets the watchdog judge the waits that are
+    legitimately long (rank 0 writing the last checkpoint), so the ranks enter MPI_Finalize together."""
     comm.barrier()
-    if timeout > 0:
-        faulthandler.dump_traceback_later(timeout, exit=True)
-    try:
+    if not timeout > 0 or comm.size == 1:  # one rank waits for nobody
         comm.finalize()
-    finally:
-        if timeout > 0:
+        return
+    message = (f"dpbp.train: MPI_Finalize did not return within comm.timeout = {timeout:g} s (the launcher or "
+               f"a peer is gone); the run's files are written; ending with exit status {EXIT_CRASH}")
+    with open(os.devnull, "w") as devnull, forked_deadline(timeout, message if comm.rank == 0 else None, kill=False):
+        faulthandler.dump_traceback_later(timeout + 1.0, exit=True, file=devnull)
+        try:
+            comm.finalize()
+        finally:
             faulthandler.cancel_dump_traceback_later()
 
 
