@@ -61,6 +61,7 @@ class Watchdog:
         self.stopped = False
         self.job = None  # start's token of this world, in every datagram
         self.processes = {}  # rank -> (pid, start time in clock ticks since boot): to end a stopped peer
+        self.ever = set()  # the peers whose watchdog has answered at least once (start sends a hello)
         self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
 
     @classmethod
@@ -81,6 +82,8 @@ class Watchdog:
         dog.job = zlib.crc32(repr(everyone).encode())  # the same on every rank: strangers' datagrams are ignored
         dog.peers = {r: tuple(p[:3]) for r, p in enumerate(everyone) if r != comm.rank}
         dog.processes = {r: tuple(p[3:]) for r, p in enumerate(everyone) if r != comm.rank}
+        for host, address, port in dog.peers.values():  # hello: a peer never heard from hints at blocked UDP
+            dog._send((address, port), {"kind": "ask", "rank": comm.rank})
         return dog
 
     def stop(self):
@@ -121,6 +124,7 @@ class Watchdog:
                 self._send(source, {"kind": "answer", "rank": self.rank, **self._state(now)})
             elif kind == "answer":
                 self.heard[sender] = (now, msg)
+                self.ever.add(sender)
             elif kind == "lost":
                 self._end(msg["text"], msg["printer"], tell=())
 
@@ -202,6 +206,11 @@ class Watchdog:
         if silent:
             text = (f"{self.who(silent)} stopped answering at {where}: {waiting} for "
                     f"{'it' if len(silent) == 1 else 'them'}, no answer for {half:g} s ({limit})")
+            never = [r for r in silent if r not in self.ever]
+            if never:
+                text += (f"; {rank_list(never, self.comm.size)} never answered since the start: if this "
+                         f"repeats, UDP between the watchdogs may be blocked (a firewall); comm.timeout = 0 "
+                         f"turns the watchdog off")
         elif stuck:
             parts = [f"{self.who([r])} answers but has been {busy_words(a)} for {busy:.1f} s at step {a.get('step')}"
                      for r, busy, a in stuck]

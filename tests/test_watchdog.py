@@ -98,6 +98,7 @@ def test_a_stopped_rank_ends_the_attempt_with_one_message_naming_it(tmp_path, ra
     line = the_message(err)
     host = socket.gethostname()
     assert line.startswith(f"dpbp.train: stopped: rank {victim} (host {host}, "), line
+    assert "never answered" not in line  # its watchdog answered start's hello: no firewall hint
     step = int(re.search(r"stopped answering at step (\d+):", line).group(1))
     # The survivors wait in the gradient's Allreduce of the step after the last one rank 0 logged, or in
     # the Allgather of the replica check after the logged step (before a checkpoint); a stopped rank 0
@@ -190,6 +191,9 @@ def test_the_verdict_names_silent_ranks_by_host_and_picks_the_lowest_answering_p
     dog.heard = {0: (now - 0.1, {"in": "MPI_Allreduce", "for": 2.0, "step": 7, "phase": None})}
     text, printer, silent = dog._verdict(now, 3.2)
     assert printer == 0 and silent == [2, 3]
+    assert "ranks 2, 3 never answered since the start" in text and "UDP" in text  # no hello came back
+    dog.ever = {0, 2, 3}  # they did answer once: a real stop, no hint
+    assert "never answered" not in dog._verdict(now, 3.2)[0]
     assert text.startswith("ranks 2, 3 (all of host b, 10.0.0.2) stopped answering at step 7: rank 1 waited 3.2 s "
                            "in MPI_Allreduce for them"), text
 
