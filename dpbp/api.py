@@ -20,7 +20,7 @@ import numpy as np
 
 from dpbp.checkpoint import companion_path, read_companion
 from dpbp.comm import get_comm
-from dpbp.config import load_config
+from dpbp.config import defaults, load_config
 from dpbp.data import standardize as stats
 from dpbp.errors import UserError
 from dpbp.runs import model_of, starting_params
@@ -104,10 +104,11 @@ def described_config(path):
     if "sizes" not in meta:
         raise UserError(f"{path}: no config.toml beside it and no {os.path.basename(companion_path(path))} "
                         f"describing it, so the network's shape is unknown")
-    output = meta.get("output", "softmax")
+    # Only what the description holds: the schema's defaults fill in the rest (one place for them).
+    model = {"sizes": meta["sizes"], **{k: meta[k] for k in ("activation", "output", "dtype") if k in meta}}
+    output = model.get("output", defaults()["model.output"])
     loss = meta.get("loss", "cross_entropy" if output in ("softmax", "sigmoid") else "squared_error")
-    return load_config({"model": {"sizes": meta["sizes"], "activation": meta.get("activation", "tanh"),
-                                  "output": output, "dtype": meta.get("dtype", "float64")},
+    return load_config({"model": model,
                         "loss": {"kind": loss},
                         "data": {"standardize": meta.get("standardize") is not None,
                                  "classes": meta.get("classes") or []}})

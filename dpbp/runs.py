@@ -207,8 +207,7 @@ def parameters_meta(model, step, data):
     """What a parameters file needs beside its arrays to be used alone (export, PyTorch): the network's
     shape and activations, the class names, the standardize statistics (mean, std: (features,) as
     lists of floats, which JSON keeps exactly), the step."""
-    standardize = None if data.standardize is None else {
-        "mean": data.standardize.mean.tolist(), "std": data.standardize.std.tolist()}
+    standardize = None if data.standardize is None else data.standardize.to_json()
     return {"dpbp": __version__, "step": step, "sizes": list(model.sizes), "activation": model.activation,
             "output": model.output, "loss": model.loss_kind, "dtype": model.dtype.name, "classes": list(data.classes or []) or None,
             "standardize": standardize,

@@ -254,7 +254,7 @@ def memory_need(cfg, n_train, size):
     n = count_params(sizes)
     kind = cfg["optim.kind"]
     copies = 2 if kind in ("adam", "adamw") else (1 if cfg["optim.momentum"] else 0)  # m and v; momentum
-    n_state = -(-n // size) if cfg["optim.shard"] and size > 1 else n
+    n_state = max(shares(n, size, BLOCK)) if cfg["optim.shard"] and size > 1 else n  # the largest shard: whole BLOCKs
     batch = min(cfg["data.batch_size"], n_train)
     rows = max(shares(batch, size))  # the largest rank's share of a batch
     reduce_copies = 1  # fast: one flat buffer

@@ -49,6 +49,10 @@ class Standardize:
         """{"standardize.mean": (F,), "standardize.std": (F,)}: to save beside the parameters."""
         return {MEAN_KEY: self.mean.copy(), STD_KEY: self.std.copy()}
 
+    def to_json(self):
+        """{"mean": [...], "std": [...]}: the description's form (final.json beside final.npz), read by ``saved``."""
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
     @classmethod
     def from_arrays(cls, arrays, where, features):
         """The statistics saved by ``to_arrays`` in `arrays` (e.g. a run's final.npz), checked; None if
@@ -121,7 +125,7 @@ def saved(path, features):
         raise UserError(f"{path}: cannot read its standardize statistics ({e})") from None
     if not arrays:
         described = (read_companion(path) or {}).get("standardize")
-        if isinstance(described, dict):
+        if isinstance(described, dict):  # to_json's form
             arrays = {MEAN_KEY: described.get("mean"), STD_KEY: described.get("std")}
         elif described is not None:
             raise UserError(f"{path}: the standardize statistics in its description are damaged")
