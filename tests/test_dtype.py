@@ -65,7 +65,8 @@ def test_float32_model_keeps_every_array_float32(activation, output, loss, bucke
         trainer.step(idx)
     model = trainer.model
     arrays = {"params": model.params, "grad": model.grad, "reducer.buf": trainer.reducer.buf,
-              "velocity": trainer.opt.velocity, "update": trainer.opt._update}
+              "velocity": trainer.opt.velocity}
+    arrays.update({f"update scratch {k}": u for k, u in enumerate(trainer.opt._split.scratch)})
     arrays.update({f"param {k}": v for k, v in model.tensors().items()})
     arrays.update({f"grad {k}": v for k, v in model.tensors(model.grad).items()})
     outs, deltas = model.buffers(32)
