@@ -44,6 +44,7 @@ from dpbp.comm import Deadline, host_address, rank_list
 from dpbp.errors import EXIT_PEER_LOST
 
 LONG = 10  # legitimately long phases (and waits where every rank answers) may last LONG * comm.timeout
+GREETINGS = 10  # hellos at start, one a period, until every peer has been heard from
 
 
 class Watchdog:
@@ -61,7 +62,8 @@ class Watchdog:
         self.stopped = False
         self.job = None  # start's token of this world, in every datagram
         self.processes = {}  # rank -> (pid, start time in clock ticks since boot): to end a stopped peer
-        self.ever = set()  # the peers whose watchdog has answered at least once (start sends a hello)
+        self.ever = set()  # the peers whose watchdog has been heard at least once (greet asks them)
+        self.greetings, self.last_greeting = 0, 0.0
         self.thread = threading.Thread(target=self._run, name="dpbp-watchdog", daemon=True)
 
     @classmethod
@@ -82,8 +84,7 @@ class Watchdog:
         dog.job = zlib.crc32(repr(everyone).encode())  # the same on every rank: strangers' datagrams are ignored
         dog.peers = {r: tuple(p[:3]) for r, p in enumerate(everyone) if r != comm.rank}
         dog.processes = {r: tuple(p[3:]) for r, p in enumerate(everyone) if r != comm.rank}
-        for host, address, port in dog.peers.values():  # hello: a peer never heard from hints at blocked UDP
-            dog._send((address, port), {"kind": "ask", "rank": comm.rank})
+        dog.greet(time.monotonic())  # a peer never heard from at all hints at blocked UDP (see _verdict)
         return dog
 
     def stop(self):
@@ -120,11 +121,11 @@ class Watchdog:
                 continue
             if msg.get("job") != self.job or sender not in self.peers:
                 continue  # not from this world (or a wake-up from stop)
+            self.ever.add(sender)
             if kind == "ask":
                 self._send(source, {"kind": "answer", "rank": self.rank, **self._state(now)})
             elif kind == "answer":
                 self.heard[sender] = (now, msg)
-                self.ever.add(sender)
             elif kind == "lost":
                 self._end(msg["text"], msg["printer"], tell=())
 
@@ -147,7 +148,18 @@ class Watchdog:
         except OSError:  # unreachable (a cut link): silence is what the asker will judge
             pass
 
+    def greet(self, now):
+        """Ask the peers not heard from yet, every period, GREETINGS times at most: a peer still finishing
+        start's allgather ignores datagrams of a world it does not know yet, so one hello may be lost."""
+        if self.greetings >= GREETINGS or now - self.last_greeting < self.period or len(self.ever) == len(self.peers):
+            return
+        self.greetings, self.last_greeting = self.greetings + 1, now
+        for r, (host, address, port) in self.peers.items():
+            if r not in self.ever:
+                self._send((address, port), {"kind": "ask", "rank": self.rank})
+
     def _check(self, now):
+        self.greet(now)
         calls, waited = self._observe(now)
         half = self.timeout / 2
         if not calls & 1 or waited < half:
