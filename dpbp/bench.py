@@ -176,16 +176,17 @@ class WatchRow(DpbpRow):
         trainer, n = self.trainer, self.steps
         trainer.model.load(self.initial)
         cuts = [n * k // self.PAIRS for k in range(self.PAIRS + 1)]
-        total = {0.0: 0.0, self.watch_s: 0.0}
+        total, steps = {0.0: 0.0, self.watch_s: 0.0}, 0
         for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
             half = self.batches[a:a + max(1, (b - a) // 2)]  # each half of the pair computes these steps
             times = {t: self._block(half, t) for t in ((0.0, self.watch_s) if k % 2 == 0 else (self.watch_s, 0.0))}
             for t, seconds in times.items():
                 total[t] += seconds
+            steps += len(half)  # at least one per pair, so not n / 2 when n < 2 PAIRS (--scale-steps)
             if record:
                 self.note("watchdog_cost_s", (times[self.watch_s] - times[0.0]) / len(half))
         if record:
-            self.step_s.append(total[self.watch_s] / (n / 2))
+            self.step_s.append(total[self.watch_s] / steps)
 
     def _block(self, batches, timeout):
         """Seconds for the batches' steps, watched (a Watchdog with this comm.timeout; on one MPI rank
