@@ -102,7 +102,7 @@ class DpbpRow(Row):
         super().__init__(spec, comm.size, threads, variant, cfg["data.batch_size"], steps)
         self.comm, self.cfg = comm, cfg
         self.watch_s = watch_s  # WatchRow: the comm.timeout of its watched blocks
-        self.trainer = Trainer(cfg, comm, data)
+        self.trainer = Trainer(cfg, comm, data, threads=threads)  # the update on the row's BLAS threads too
         self.initial = starting_params(cfg)
         self.batches = [batch_indices(len(data), self.batch, cfg["seed"], s, True, False)[0]
                         for s in range(steps)]

@@ -46,7 +46,8 @@ class Trainer:
     tests); None costs nothing.
     """
 
-    def __init__(self, cfg, comm, data, total_steps=None):
+    def __init__(self, cfg, comm, data, total_steps=None, threads=None):
+        """threads: for the optimizer's element-wise update (default: as many as this rank's BLAS)."""
         self.cfg, self.comm, self.data = cfg, comm, data
         self.total_steps = total_steps or cfg["train.steps"] or None  # T of the cosine schedule
         self.model = model = model_of(cfg)
@@ -59,7 +60,7 @@ class Trainer:
         bucket_bytes = 0 if self.shard else cfg["comm.bucket_mb"] * 2**20
         self.reducer = make_reducer(cfg["comm.reduce"], comm, Layout(model.shapes), model.dtype,
                                     cfg["comm.chunk"], bucket_bytes)
-        self.opt = build_optimizer(cfg, model.params, model.shapes, self.bounds)
+        self.opt = build_optimizer(cfg, model.params, model.shapes, self.bounds, threads or element_wise_threads())
         self.comm_s = 0.0  # seconds inside the gradient Allreduce (sharded: reduce-scatter + allgather), accumulated
         self.input_hook: Callable[[np.ndarray], None] | None = None
         self._micro = None  # a gradient buffer for micro-batches after a piece's first
@@ -235,14 +236,15 @@ class Trainer:
         return math.isfinite(float(np.dot(g, g))) or bool(np.isfinite(g).all())
 
 
-def build_optimizer(cfg, params, shapes, bounds=None):
-    """The configured optimizer over params[lo:hi] (bounds; default the whole flat buffer)."""
+def build_optimizer(cfg, params, shapes, bounds=None, threads=1):
+    """The configured optimizer over params[lo:hi] (bounds; default the whole flat buffer), its update on
+    `threads` threads."""
     kind = cfg["optim.kind"]
     lo, hi = bounds or (0, params.size)
     return make_optimizer(kind, params[lo:hi], cfg["optim.lr"], momentum=cfg["optim.momentum"] if kind == "sgd" else 0.0,
                           nesterov=cfg["optim.nesterov"], betas=tuple(cfg["optim.betas"]), eps=cfg["optim.eps"],
                           weight_decay=cfg["optim.weight_decay"] if kind == "adamw" else 0.0,
-                          weight_slices=shard_slices(weight_slices_of(shapes), lo, hi), threads=element_wise_threads())
+                          weight_slices=shard_slices(weight_slices_of(shapes), lo, hi), threads=threads)
 
 
 def memory_need(cfg, n_train, size):
