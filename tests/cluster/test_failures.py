@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import process_alive
+from tests.cluster.conftest import FINAL, process_alive
 from tests.cluster.test_training import BIN, CONFIG, SBATCH, job_env
 from tests.conftest import dpbp
 from tests.jobs import assert_bitwise_equal
@@ -38,7 +38,10 @@ from tests.jobs import assert_bitwise_equal
 pytestmark = pytest.mark.cluster
 TIMEOUT = 10  # comm.timeout in these jobs (s)
 MARGIN = 25  # s past the timeout by which every rank must be gone (see the module docstring)
-LOST_REQUEUES = 6  # DPBP_LOST_REQUEUES: room for a flaky start (see Run) besides the fault's requeue
+LOST_REQUEUES = 12  # DPBP_LOST_REQUEUES: room for flaky starts (see Run.finishes) besides the fault's requeue
+PMI_FLAKE = "value not properly terminated"  # Slurm's pmi2 plugin rejecting a put at MPI_Init (docs/test-cluster.md)
+FINISH_S = 240  # for the requeued run to finish, plus FLAKE_S for every restart that the flake ended
+FLAKE_S = 40
 SRUN_WAIT = 20  # DPBP_SRUN_WAIT: above TIMEOUT, so that the watchdog, not srun, ends the survivors
 SLURM_DEADLINE = 60  # s: the issue's bound for an attempt whose host's slurmd died (NODE_FAIL at ~42 s)
 STEPS, FAULT_STEP = 300, 140
@@ -163,7 +166,18 @@ class Run:
         return log[max(start, 0):end if end >= 0 else len(log)]
 
     def finishes(self, uninterrupted: Path) -> dict:
-        info = self.cluster.wait_done(self.job, 240)
+        """The job completes by itself with the uninterrupted run's parameters. A restart that died in
+        MPI_Init of the pmi2 flake (seen in bursts on a loaded CI machine, several restarts in a row)
+        is requeued like a lost rank; each one found in the log buys FLAKE_S more of waiting."""
+        deadline, flakes = time.monotonic() + FINISH_S, 0
+        while (info := self.cluster.job_info(self.job)).get("JobState") not in FINAL:
+            seen = self.log().count(PMI_FLAKE)
+            deadline, flakes = deadline + FLAKE_S * max(0, seen - flakes), max(seen, flakes)
+            if time.monotonic() > deadline:
+                self.cluster.wait_done(self.job, 0)  # cancels the job and fails with the cluster's logs
+            time.sleep(0.2)
+        if flakes:
+            print(f"{flakes} line(s) of the pmi2 start-up flake in the job's log; it finished all the same")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{self.log()}"
         assert int(info["Restarts"]) >= self.attempt + 1, info
         assert_bitwise_equal(self.dir / "final.npz", uninterrupted)
@@ -187,7 +201,7 @@ def assert_culprit_named(run: Run, culprit: str, host: str = "") -> None:
     assert re.search(r"srun: error: \S+: tasks? (0-1|0|1): Exited with exit code 4", log), log
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_a_cut_link_ends_the_attempt_and_the_run_finishes_on_the_host_left(healed, tmp_path, uninterrupted):
     # both sides end by themselves at TIMEOUT; srun then waits its --wait and KillWait for the unreachable
     # host: kept short so that the launcher requeues before Slurm's NODE_FAIL (SlurmdTimeout 30 s), which
@@ -204,7 +218,7 @@ def test_a_cut_link_ends_the_attempt_and_the_run_finishes_on_the_host_left(heale
     assert "2 ranks on" in second and "resuming (newest checkpoint file:" in second, second
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_a_host_whose_ranks_are_killed_ends_the_attempt_and_the_run_finishes(healed, tmp_path, uninterrupted):
     run = Run(healed, tmp_path)
     t0 = time.monotonic()
@@ -215,7 +229,7 @@ def test_a_host_whose_ranks_are_killed_ends_the_attempt_and_the_run_finishes(hea
     run.finishes(uninterrupted)
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_a_stopped_rank_ends_the_attempt_and_the_run_finishes(healed, tmp_path, uninterrupted):
     run = Run(healed, tmp_path)
     stopped = max(run.ranks[2], key=run.ranks[2].get)  # rank 3
@@ -231,7 +245,7 @@ def test_a_stopped_rank_ends_the_attempt_and_the_run_finishes(healed, tmp_path, 
     run.finishes(uninterrupted)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(960)
 def test_a_host_whose_slurmd_dies_ends_the_attempt_and_the_run_finishes(healed, tmp_path, uninterrupted):
     run = Run(healed, tmp_path, step_sleep=0.25, fault_step=60)  # the steps left outlast SlurmdTimeout
     t0 = time.monotonic()

@@ -54,11 +54,11 @@ def one_host(tmp_path_factory) -> dict:
     return out
 
 
-# Slurm's mpi/pmi2 plugin sometimes rejects a PMI put of the wheel's MPICH at start-up: the request carries
-# stale bytes of the process's heap (seen: a docstring of dpbp/reduce.py), so it depends on the exact
-# environment and paths and repeats for the same ones (docs/test-cluster.md, "Pitfalls"). One rank dies in
-# MPI_Init. It is a third-party start-up bug, not what these tests check, so a job that hit it (and only
-# that) runs again with one more environment variable (PMI_RETRY_PAD), which changes the heap's layout.
+# Slurm's mpi/pmi2 plugin sometimes rejects a long PMI put of the wheel's MPICH at start-up, in bursts on
+# a loaded machine; how long the puts are depends on the bytes of the ranks' addresses, which carry stale
+# heap bytes (docs/test-cluster.md, "Pitfalls"). One rank dies in MPI_Init. It is a third-party start-up
+# bug, not what these tests check, so a job that hit it (and only that) runs again, with one more
+# environment variable (PMI_RETRY_PAD) so that its heap is not laid out exactly as before.
 PMI_FLAKE = "value not properly terminated"
 PMI_RETRIES = 2
 
