@@ -146,6 +146,26 @@ def test_requeue_resumes_bitwise(slurm, tmp_path, reference):
 
 
 @pytest.mark.timeout(240)
+def test_a_restart_after_the_pmi2_flake_starts_the_ranks_with_mpirun(slurm, tmp_path, reference):
+    """An attempt whose output shows Slurm's pmi2 plugin rejecting MPICH's start-up (written into the job's
+    output here, as slurmstepd writes it) makes the restart use mpirun, and the run still ends bitwise."""
+    run_dir = tmp_path / "run"
+    job, out = submit(slurm, tmp_path, "--out", str(run_dir), env=SLOW)
+    wait_for_checkpoint(slurm, job, run_dir, 40, 120)
+    with open(out, "a") as f:
+        f.write("slurmstepd: error: mpi/pmi2: value not properly terminated in client request\n")
+    slurm.run(["scontrol", "requeue", job], check=True)
+    info = slurm.wait_state(job, lambda i: i.get("JobState") == "COMPLETED"
+                            or (i.get("JobState") in {"FAILED", "CANCELLED"}), 180, "completion")
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    first, second = log.split("restart 1]", 1)
+    assert "launcher srun" in first and "launcher mpirun" in second, log
+    assert "failed in Slurm's pmi2 plugin" in second and "starts the ranks with mpirun" in second, log
+    assert_bitwise_equal(run_dir / "final.npz", reference)
+
+
+@pytest.mark.timeout(240)
 def test_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path, reference):
     """The time-limit warning (--signal=B:USR1@120 goes to the batch shell alone; sent here by
     hand): the script forwards it, the ranks checkpoint and exit 75, the script requeues the
