@@ -61,19 +61,15 @@ class _Split:
     """An update's blocks shared out among `threads` threads (dpbp.workers), each with its own scratch:
     every element gets the same operations in the same order, so any thread count gives the same bits."""
 
-    def __init__(self, items, dtype, threads):
+    def __init__(self, items, n, dtype, threads):
+        """items: one per block of a buffer of n values (its slice, or a tuple starting with it)."""
         self.parts = split(items, threads)
-        self.scratch = [np.empty(min(BLOCK, max(1, sum(_size(i) for i in part))), dtype) for part in self.parts]
+        self.scratch = [np.empty(min(BLOCK, n), dtype) for _ in self.parts]  # one block's update each
         self.workers = pool(len(self.parts))
 
     def run(self, fn):
         """fn(part, scratch) for every part, on the pool's threads; returns when all are done."""
         run_parts(lambda k, part: fn(part, self.scratch[k]), self.parts, self.workers)
-
-
-def _size(item):
-    b = item[0] if isinstance(item, tuple) else item
-    return b.stop - b.start
 
 
 def _check_params(params):
@@ -104,7 +100,7 @@ class SGD:
             raise ValueError("nesterov needs a momentum > 0")
         self.params, self.lr, self.momentum, self.nesterov = params, lr, momentum, nesterov
         self.velocity = np.zeros_like(params) if momentum else None
-        self._split = _Split(_blocks(params.size), params.dtype, threads)  # lr v (or lr (g + mu v)) per block
+        self._split = _Split(_blocks(params.size), params.size, params.dtype, threads)  # lr v (or lr (g + mu v)) per block
 
     def step(self, grad, lr=None):
         """Update params in place from grad (n,) (same dtype as params) with rate lr (default: self.lr).
@@ -170,7 +166,7 @@ class Adam:
         """Blocks, each with the weight slices inside it to decay (AdamW), shared out among the threads."""
         plan = [(b, tuple(slice(max(b.start, a), min(b.stop, c)) for a, c in weight_slices
                           if a < b.stop and c > b.start)) for b in _blocks(self.params.size)]
-        self._split = _Split(plan, self.params.dtype, self.threads)
+        self._split = _Split(plan, self.params.size, self.params.dtype, self.threads)
 
     def step(self, grad, lr=None):
         """Update params in place from grad (n,) with rate lr (default: self.lr), block by block as SGD.

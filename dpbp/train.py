@@ -21,9 +21,9 @@ import numpy as np
 
 from dpbp import runs
 from dpbp.cli import ArgumentParser, config_arguments, parse_args, run
+from dpbp.comm import forked_deadline
 from dpbp.config import load_config, with_absolute_paths
 from dpbp.data import batch_indices, batches_per_epoch, load_data
-from dpbp.comm import forked_deadline
 from dpbp.errors import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_PREEMPTED, TrainingFault, UserError
 from dpbp.evaluate import held_out
 from dpbp.faults import FaultInjector, StopRequest, replica_mismatch

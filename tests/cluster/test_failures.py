@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import FINAL, process_alive
-from tests.cluster.test_training import BIN, CONFIG, SBATCH, job_env
+from tests.cluster.test_training import BIN, CONFIG, PMI_FLAKE, SBATCH, job_env
 from tests.conftest import dpbp
 from tests.jobs import assert_bitwise_equal
 
@@ -39,7 +39,6 @@ pytestmark = pytest.mark.cluster
 TIMEOUT = 10  # comm.timeout in these jobs (s)
 MARGIN = 25  # s past the timeout by which every rank must be gone (see the module docstring)
 LOST_REQUEUES = 12  # DPBP_LOST_REQUEUES: room for flaky starts (see Run.finishes) besides the fault's requeue
-PMI_FLAKE = "value not properly terminated"  # Slurm's pmi2 plugin rejecting a put at MPI_Init (docs/test-cluster.md)
 FINISH_S = 240  # for the requeued run to finish, plus FLAKE_S for every restart that the flake ended
 FLAKE_S = 40
 SRUN_WAIT = 20  # DPBP_SRUN_WAIT: above TIMEOUT, so that the watchdog, not srun, ends the survivors
