@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+from dpbp import pmi_relay
 from dpbp.errors import UserError
 
 # Environment variables that MPI launchers (hydra, Open MPI, Slurm's PMI) set in the ranks they start.
@@ -379,6 +380,8 @@ def get_comm():
     """COMM_WORLD through mpi4py, or the serial stand-in where there is no MPI to be had."""
     if os.environ.get("DPBP_SERIAL") == "1":
         return SerialComm()
+    if pmi_relay.wanted():  # srun --mpi=pmi2: Slurm's PMI-1 reader takes at most 1,024 bytes a request
+        pmi_relay.start()
     try:
         import mpi4py
         mpi4py.rc.threads = False  # the trainer is single-threaded; MPI_THREAD_SINGLE is cheapest

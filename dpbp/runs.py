@@ -33,9 +33,10 @@ DATA_KEY = "data (contents, sha256)"  # a trajectory key that no config option h
 
 # A dpbp run directory is one that holds header.jsonl (choose_run_dir creates it, empty, before anything
 # else is written there; every start of the run then records its header in it), a checkpoint or final.npz.
-# The launcher's own files (dpbp.launch --tee / --save-args) may be in a directory before its run starts.
+# The launcher's own files (dpbp.launch --tee / --save-args, and its count of requeues after a lost host,
+# which an attempt lost before the first checkpoint leaves behind) may be there before its run starts.
 RUN_MARKS = ("header.jsonl", "final.npz")
-LAUNCHER_FILES = ("launch.args", "launch.log")
+LAUNCHER_FILES = ("launch.args", "launch.log", "lost-requeues.jsonl")
 
 
 def is_run(path):

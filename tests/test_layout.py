@@ -1,6 +1,6 @@
 """The dependency direction of dpbp/, held: each module imports only from its own floor or the floors below.
 
-    floor 0  errors, threads                       the stdlib only
+    floor 0  errors, threads, pmi_relay            the stdlib only
     floor 1  maths: layers, losses, model, optim,  numpy only (workers: its threads, the stdlib only)
                     workers
              leaves: data/, partition, checkpoint, config
@@ -25,7 +25,7 @@ from tests.conftest import REPO
 
 MATHS = {"layers", "losses", "model", "optim", "workers"}
 FLOORS = {
-    0: {"errors", "threads"},
+    0: {"errors", "threads", "pmi_relay"},
     1: MATHS | {"data", "partition", "checkpoint", "config"},
     2: {"comm"},
     3: {"reduce"},

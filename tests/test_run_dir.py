@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from dpbp import launch
 from dpbp.config import load_config
 from tests.conftest import REPO, dpbp, load_params
 
@@ -64,12 +65,15 @@ def test_resume_or_start_starts_then_continues(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
-def test_resume_or_start_takes_a_directory_holding_only_the_launchers_files(tmp_path):
+@pytest.mark.parametrize("name", [launch.ARGS_FILE, launch.LOG_FILE, launch.LOST_FILE])
+def test_resume_or_start_takes_a_directory_holding_only_the_launchers_files(tmp_path, name):
+    """Each file dpbp.launch writes into the run directory: an attempt lost before its first checkpoint
+    leaves lost-requeues.jsonl there, and the requeued attempt must start afresh, not refuse."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "launch.log").write_text("[dpbp.launch] started\n")
+    (run / name).write_text("written by the launcher\n")
     dpbp("train", "--resume-or-start", run, *QUICK, check=True)
-    assert (run / "final.npz").exists() and (run / "launch.log").read_text() == "[dpbp.launch] started\n"
+    assert (run / "final.npz").exists() and (run / name).read_text() == "written by the launcher\n"
 
 
 @pytest.mark.parametrize("flag", ["--out", "--resume-or-start"])

@@ -26,7 +26,7 @@ P=${DPBP_CLUSTER_PREFIX:-dpbp}
 job() {  # job NAME SBATCH-OPTIONS... -- COMMAND...: run COMMAND under srun in a job, wait, keep its output
     local name=$1 opts=() id state; shift
     while [ "$1" != -- ]; do opts+=("$1"); shift; done; shift
-    printf '#!/bin/bash\nexport MPIR_CVAR_PMI_VERSION=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1\nunset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE\ncd %q\nexec %s\n' \
+    printf '#!/bin/bash\nexport OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1\nunset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE\ncd %q\nexec %s\n' \
         "$REPO" "$(printf '%q ' "$@")" > "$OUT/$name.sh"
     id=$(sbatch --parsable "${opts[@]}" -o "$OUT/$name.out" "$OUT/$name.sh")
     for _ in $(seq 6000); do

@@ -22,7 +22,7 @@ DEADLINE_S = 5
 def test_a_rank_dead_before_mpi_init_ends_the_others_within_the_start_deadline(cluster, tmp_path):
     script = tmp_path / "job.sh"
     train = f"{sys.executable} -m dpbp.train --config {CONFIG} --set train.steps=2 --out {tmp_path / 'run'} --quiet"
-    script.write_text("#!/bin/bash\nexport MPIR_CVAR_PMI_VERSION=1  # as launch/slurm.sbatch does for srun\n"
+    script.write_text("#!/bin/bash\n"
                       f"export DPBP_START_TIMEOUT={DEADLINE_S}\n"
                       "srun --mpi=pmi2 --kill-on-bad-exit=0 bash -c "
                       f"'if [ \"$SLURM_PROCID\" = 2 ]; then exit 7; fi; exec {train}'\n"
