@@ -26,9 +26,9 @@ import socket
 import subprocess
 import sys
 
-SLURM_READ = 1024  # bytes Slurm's pmi2 plugin reads of one PMI-1 request
-# A put is "cmd=put kvsname=J.S key=K value=V\n": a kvsname of at most 21 characters (two 32-bit ids), a
-# key of at most 64 (keylen_max), and MPICH's V at most vallen_max - 2: 116 + 900 - 2 <= SLURM_READ.
+# Slurm reads at most 1,024 bytes of one request. A put is "cmd=put kvsname=J.S key=K value=V\n": 29
+# characters, a kvsname of at most 21 (two 32-bit ids), a key of at most 64 (keylen_max) and MPICH's V of
+# at most vallen_max - 2, so with 900 the longest put is 29 + 21 + 64 + 898 = 1,012 bytes.
 VALLEN_MAX = 900
 _MAXES = re.compile(rb"^(cmd=maxes\b.*\bvallen_max=)(\d+)")
 
